@@ -1,0 +1,248 @@
+"""The widgets in a real browser: JupyterLab on 127.0.0.1 and Debian's headless Chromium driven by playwright.
+
+Marked `browser` (deselect with `-m "not browser"`); it runs in CI, where `.ci/system-deps` installs Chromium.
+The screenshot goes to artifacts/widgets_browser.png.
+"""
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from laion_nb import records
+
+CHROMIUM = os.environ.get('LAION_NB_CHROMIUM', '/usr/bin/chromium')
+ARTIFACTS = Path(__file__).resolve().parent.parent/'artifacts'
+WAIT_MS = int(os.environ.get("LAION_NB_BROWSER_WAIT_MS", 120_000))  # the longest we wait for the notebook to render
+PAGE_SIZE, SAMPLES = 24, 20
+
+pytestmark = pytest.mark.browser
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def make_output(out_dir):
+    "The output dir the notebook shows: a real download from the demo server when there is one, else real records."
+    try:
+        from laion_nb import demo, download
+    except ImportError:
+        demo = None
+    if demo is not None:
+        return demo_download(out_dir, demo, download)
+    from test_widgets import write_output
+    return write_output(out_dir, n=90)
+
+
+def demo_download(out_dir, demo, download):
+    with demo.ImageServer() as server:
+        dump = demo.make_demo_dump(out_dir.parent/'dump', server)
+        cfg = download.DownloadConfig(metadata=dump, output_dir=out_dir, allow_private_networks=True)
+        download.download(cfg, progress=None)
+    return out_dir
+
+
+def notebook(out_name):
+    cells = [f"from laion_nb.widgets import Gallery, ErrorBreakdown\nout = {out_name!r}",
+             f"gallery = Gallery(out, page_size={PAGE_SIZE})\ngallery",
+             f"breakdown = ErrorBreakdown(out, samples={SAMPLES})\nbreakdown",
+             # the download's progress protocol, fed with the records: the panel shows itself on start
+             "from laion_nb import records\nfrom laion_nb.widgets import LiveProgress\n"
+             "rows = [records.Saved(**r) for r in records.read_saved(out).to_dict('records')]\n"
+             "rows += [records.Failed(**r) for r in records.read_failed(out).to_dict('records')]\n"
+             "progress = LiveProgress()\nprogress.start(len(rows))\n"
+             "for r in rows: progress.update(r)\nprogress.close()"]
+    return {'cells': [{'cell_type': 'code', 'execution_count': None, 'id': f'c{k}', 'metadata': {}, 'outputs': [],
+                       'source': src} for k, src in enumerate(cells)],
+            'metadata': {'kernelspec': {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}},
+            'nbformat': 4, 'nbformat_minor': 5}
+
+
+def wait_for_server(url, proc, log, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = '\n'.join(Path(log).read_text(errors='replace').splitlines()[-15:])
+            raise RuntimeError(f'JupyterLab exited with {proc.returncode}:\n{tail}')
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200: return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f'JupyterLab did not answer {url} within {timeout} s')
+
+
+def wait_for_kernel(base, token, timeout=60):
+    "Wait until the notebook's kernel is idle and the browser is connected to it."
+    deadline, kernels = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f'{base}/api/kernels?token={token}', timeout=5) as r:
+                kernels = json.load(r)
+        except OSError as e:
+            kernels = e
+        else:
+            if any(k['execution_state'] == 'idle' and k['connections'] > 0 for k in kernels): return
+        time.sleep(0.3)
+    raise TimeoutError(f'no idle kernel with a browser connected within {timeout} s: {kernels}')
+
+
+def stop_server(proc, base, token):
+    "Shut JupyterLab and its kernels down: politely through its API, then by signal to its process group."
+    try:
+        req = urllib.request.Request(f'{base}/api/shutdown', method='POST', headers={'Authorization': f'token {token}'})
+        urllib.request.urlopen(req, timeout=5).close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL); proc.wait(timeout=10)
+
+
+def lab_settings(home):
+    "Isolated Jupyter dirs and settings: no update checks, no news, no kernel dialog, every cell kept in the DOM."
+    dirs = {k: home/k.lower() for k in ('JUPYTER_CONFIG_DIR', 'JUPYTER_DATA_DIR', 'JUPYTER_RUNTIME_DIR', 'IPYTHONDIR')}
+    for d in dirs.values(): d.mkdir(parents=True)
+    (dirs['JUPYTER_CONFIG_DIR']/'jupyter_lab_config.py').write_text(
+        "c.LabApp.news_url = None\nc.LabApp.check_for_updates_class = 'jupyterlab.NeverCheckForUpdate'\n"
+        "c.LabApp.extension_manager = 'readonly'\n")
+    settings = home/'lab-settings'
+    for plugin, values in {'notebook-extension/tracker': {'windowingMode': 'none', 'autoStartDefaultKernel': True},
+                           'apputils-extension/notification': {'fetchNews': 'false'}}.items():
+        path = settings/'@jupyterlab'/f'{plugin}.jupyterlab-settings'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    env = {**os.environ, **{k: str(v) for k, v in dirs.items()}}
+    return env, ['--LabApp.user_settings_dir=' + str(settings), '--LabApp.workspaces_dir=' + str(home/'workspaces')]
+
+
+def run_all_cells(page, base, token, path):
+    "Open the notebook at `path` in JupyterLab and run all its cells from the Run menu."
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    page.goto(f'{base}/lab/tree/{path}?token={token}')
+    page.wait_for_selector('.jp-NotebookPanel .jp-Cell')
+    wait_for_kernel(base, token)
+    page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+    for attempt in range(2):  # a click while the page still connects to the kernel can be lost: check, retry once
+        page.click('.lm-MenuBar-item:has-text("Run")')
+        page.click('.lm-Menu-item:has-text("Run All Cells")')
+        try:
+            page.wait_for_function("() => !document.querySelector('.jp-Cell .jp-InputPrompt').innerText.includes('[ ]')",
+                                   timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            if attempt: raise
+
+
+def check_widgets(page, summary, failed_index):
+    "The gallery and the breakdown on screen say what the records say; the next button pages."
+    n_thumbs, n_errors = min(PAGE_SIZE, summary['saved']), min(SAMPLES, summary['failed'])
+    counts = page.wait_for_function(
+        """([t, e]) => {
+            const imgs = [...document.querySelectorAll('.laion-thumb img')];
+            const loaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+            const errors = document.querySelectorAll('.laion-error-row').length;
+            return loaded === t && errors === e && {thumbs: imgs.length, loaded, errors};
+        }""", arg=[n_thumbs, n_errors], timeout=WAIT_MS).json_value()
+    assert counts == {'thumbs': n_thumbs, 'loaded': n_thumbs, 'errors': n_errors}
+    assert page.locator('.laion-thumb').count() == n_thumbs
+    n_pages = -(-summary['saved'] // PAGE_SIZE)
+    assert page.locator('.laion-page-label').inner_text().strip() == f'page 1 of {n_pages} · {summary["saved"]:,} images'
+
+    def bar_rows(table):
+        return {r.get_attribute('data-key'): int(r.get_attribute('data-count'))
+                for r in page.locator(f'tr.laion-bar-row[data-table="{table}"]').all()}
+    assert bar_rows('outcome') == {'saved': summary['saved'], 'failed': summary['failed']}
+    assert bar_rows('type') == summary['by_type']
+    assert {k: v for k, v in bar_rows('status').items() if k != 'no response'} == summary['by_status']
+    shown = [int(r.get_attribute('data-index')) for r in page.locator('tr.laion-error-row').all()]
+    assert shown == failed_index[:SAMPLES]
+    total = summary['attempted']
+    page.wait_for_function("t => document.querySelector('.laion-progress-bar')?.innerText.includes(t)",
+                           arg=f'{total:,}/{total:,}')
+    stats = page.locator('.laion-progress-stats').inner_text()
+    assert f'saved {summary["saved"]:,}' in stats and f'failed {summary["failed"]:,}' in stats, stats
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS/'widgets_browser.png'))
+
+    select = page.locator('.laion-error-select select')
+    labels = [t.replace('\xa0', ' ') for t in select.locator('option').all_inner_texts()]  # widgets use nbsp
+    assert labels == [f'all failures ({summary["failed"]:,})'] + [f'{k} ({n:,})' for k, n in summary['by_type'].items()]
+    assert select.evaluate('s => s.selectedIndex') == 0
+    n = list(summary['by_type'].values())[-1]  # choosing a type lists its rows only
+    select.select_option(index=len(labels) - 1)
+    page.wait_for_function("n => document.querySelectorAll('.laion-error-row').length === n", arg=min(SAMPLES, n))
+
+    if n_pages > 1:  # a click goes to the kernel and comes back as the next page
+        page.click('.laion-gallery button:has-text("next")')
+        page.wait_for_function("() => document.querySelector('.laion-page-label').innerText.trim().startsWith('page 2 of')")
+        page.wait_for_function("n => document.querySelectorAll('.laion-thumb').length === n",
+                               arg=min(PAGE_SIZE, summary['saved'] - PAGE_SIZE))
+
+
+def test_gallery_and_breakdown_render_in_jupyterlab(tmp_path):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail('the browser test needs playwright: pip install playwright (a dev dependency)')
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f'{CHROMIUM} not found: run .ci/system-deps (apt-get install chromium)')
+
+    root = tmp_path/'lab'; root.mkdir()
+    out = make_output(tmp_path/'download')
+    shutil.copytree(out, root/'out')
+    (root/'widgets_check.ipynb').write_text(json.dumps(notebook('out')))
+    summary = records.summarize(root/'out')
+    assert summary['saved'] > 0 and summary['failed'] > 0, summary
+    failed_index = records.read_failed(root/'out')['index'].tolist()
+
+    port, token = free_port(), secrets.token_hex(16)
+    base = f'http://127.0.0.1:{port}'
+    env, settings_args = lab_settings(tmp_path/'home')
+    log = open(tmp_path/'jupyterlab.log', 'wb')
+    lab = subprocess.Popen([sys.executable, '-m', 'jupyter', 'lab', '--no-browser', '--ip=127.0.0.1', f'--port={port}',
+                            f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={root}', '--ServerApp.port_retries=0',
+                            *settings_args, *(['--allow-root'] if os.geteuid() == 0 else [])],
+                           cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_server(f'{base}/api/status?token={token}', lab, tmp_path/'jupyterlab.log')
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path/'chromium-profile'), executable_path=CHROMIUM, headless=True,
+                viewport={'width': 1500, 'height': 2600},
+                args=['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                      '--disable-component-update', '--no-first-run'])
+            try:
+                # the page may talk to this JupyterLab only, never to anything beyond 127.0.0.1
+                browser.route(re.compile(r'^(?!(http|ws)://127\.0\.0\.1:%d/|data:|blob:)' % port),
+                              lambda route: route.abort())
+                page = browser.pages[0] if browser.pages else browser.new_page()
+                page.set_default_timeout(WAIT_MS)
+                try:
+                    run_all_cells(page, base, token, 'widgets_check.ipynb')
+                    check_widgets(page, summary, failed_index)
+                except Exception:
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    page.screenshot(path=str(ARTIFACTS/'widgets_browser_failure.png'))
+                    raise
+            finally:
+                browser.close()
+    finally:
+        stop_server(lab, base, token)
+        log.close()
