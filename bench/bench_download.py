@@ -1,0 +1,171 @@
+"""Benchmark: laion_nb's downloader against img2dataset on the same local image server.
+
+Builds an N-row demo dump (default 5,000, 10 % failing), serves it from the demo image server in its own
+process on 127.0.0.1 (0 ms and 100 ms injected latency), and runs each tool as a subprocess, measuring
+wall time, CPU seconds (user + system of the whole process tree), peak RSS (sum over the tree, sampled
+every 50 ms) and the images saved. img2dataset runs from its own virtualenv (`--peer`), outside the repo.
+
+    python bench/bench_download.py --peer /path/to/venv/bin/img2dataset
+    python bench/bench_download.py --peer ... --stalls      # with URLs that hang: the run's tail
+    python bench/bench_download.py --rows 100000 --latency 0 --no-peer      # the memory check
+    python bench/bench_download.py --rows 2000 --latency 0 --no-peer --profile  # where the CPU goes
+"""
+import argparse, multiprocessing as mp, os, shutil, subprocess, sys, tempfile, threading, time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def serve(latency, conn):
+    from laion_nb.demo import ImageServer
+    with ImageServer(latency=latency) as s:
+        conn.send(s.port)
+        conn.recv()  # until told to stop
+
+
+class Server:
+    "The demo image server in a process of its own, so its CPU is not counted against either tool."
+    def __init__(self, latency):
+        self.parent, child = mp.Pipe()
+        self.proc = mp.get_context('spawn').Process(target=serve, args=(latency, child), daemon=True)
+    def __enter__(self):
+        self.proc.start()
+        self.port = self.parent.recv()
+        return SimpleNamespace(url=lambda route: f'http://127.0.0.1:{self.port}/{route.lstrip("/")}')
+    def __exit__(self, *exc):
+        self.parent.send('stop'); self.proc.join(10)
+        if self.proc.is_alive(): self.proc.kill()
+
+
+def tree_rss(pid):
+    "Resident memory of `pid` and all its descendants, in bytes."
+    kids, total = {}, 0
+    for d in os.listdir('/proc'):
+        if not d.isdigit(): continue
+        try:
+            stat = Path(f'/proc/{d}/stat').read_text()
+            kids.setdefault(int(stat.rsplit(')', 1)[1].split()[1]), []).append(int(d))
+        except OSError: pass
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            for line in Path(f'/proc/{p}/status').read_text().splitlines():
+                if line.startswith('VmRSS:'): total += int(line.split()[1]) * 1024
+        except OSError: pass
+    return total
+
+
+def measure(cmd, env=None):
+    "Run `cmd`; wall seconds, CPU seconds of the tree, peak RSS of the tree."
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak, stop = [0], threading.Event()
+    def sample():
+        while not stop.wait(0.05): peak[0] = max(peak[0], tree_rss(p.pid))
+    t = threading.Thread(target=sample, daemon=True); t.start()
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    stop.set(); t.join()
+    err = p.stderr.read().decode(errors='replace')
+    if os.waitstatus_to_exitcode(status) != 0: raise RuntimeError(f'{cmd[0]} failed:\n{err[-2000:]}')
+    return wall, ru.ru_utime + ru.ru_stime, peak[0]
+
+
+def count_jpegs(folder):
+    return sum(1 for _, _, files in os.walk(folder) for f in files if f.endswith('.jpg'))
+
+
+def check_saved(folder, sample=200):
+    "Every n-th saved file decodes in full as a JPEG of at least 64x64."
+    from PIL import Image
+    files = sorted(Path(folder).rglob('*.jpg'))
+    for f in files[::max(1, len(files) // sample)]:
+        im = Image.open(f); im.load()
+        assert im.format == 'JPEG' and min(im.size) >= 64, f
+
+
+def run_ours(dump, out, a):
+    cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
+           '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries),
+           '--processes', str(a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
+    wall, cpu, rss = measure(cmd)
+    check_saved(out/'images')
+    return wall, cpu, rss, count_jpegs(out/'images')
+
+
+def run_peer(dump, out, a):
+    cmd = [a.peer, '--url_list', str(dump/'metadate'/'metadata_000.parquet'), '--input_format', 'parquet',
+           '--url_col', 'url', '--caption_col', 'caption', '--output_format', 'files', '--output_folder', str(out),
+           '--processes_count', str(a.processes), '--thread_count', str(a.threads), '--resize_mode', 'no',
+           '--timeout', str(a.timeout), '--retries', str(a.retries), '--enable_wandb', 'False']
+    env = {**os.environ, 'NO_ALBUMENTATIONS_UPDATE': '1'}
+    wall, cpu, rss = measure(cmd, env)
+    return wall, cpu, rss, count_jpegs(out)
+
+
+def profile(dump, out, a):
+    "Sample laion_nb (one process, all threads) with py-spy and print the functions that take the most CPU."
+    spy = shutil.which('py-spy') or str(Path(sys.executable).parent/'py-spy')
+    cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
+           '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries), '--processes', '1',
+           '--threads', str(a.threads), '--per-host', str(a.threads)]
+    raw = out.parent/'profile.txt'
+    subprocess.run([spy, 'record', '--gil', '-r', '200', '-f', 'raw', '-o', str(raw), '--', *cmd], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    own, total, n = {}, {}, 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(' ')
+        frames = [f.split(' (')[0] + ' ' + f.rsplit('/', 1)[-1].rstrip(')') for f in stack.split(';')]
+        k = int(count); n += k
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+        for f in set(frames): total[f] = total.get(f, 0) + k
+    print(f'{n} on-CPU samples (200/s)\n\ntop by own time:')
+    for f, k in sorted(own.items(), key=lambda x: -x[1])[:20]: print(f'{k / n:6.1%}  {f}')
+    print('\ntop by total time (with callees):')
+    for f, k in sorted(total.items(), key=lambda x: -x[1])[:40]: print(f'{k / n:6.1%}  {f}')
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--rows', type=int, default=5000)
+    p.add_argument('--fail-share', type=float, default=0.1)
+    p.add_argument('--stalls', action='store_true', help='add a URL that stalls past the timeout to the failure mix')
+    p.add_argument('--latency', type=float, nargs='+', default=[0.0, 0.1], help='seconds of injected latency, one run each')
+    p.add_argument('--processes', type=int, default=2)
+    p.add_argument('--threads', type=int, default=64)
+    p.add_argument('--timeout', type=float, default=10)
+    p.add_argument('--retries', type=int, default=3)
+    p.add_argument('--peer', default=os.environ.get('IMG2DATASET', str(Path.home()/'i2d-venv/bin/img2dataset')),
+                   help='the img2dataset executable, in its own virtualenv')
+    p.add_argument('--no-peer', action='store_true')
+    p.add_argument('--profile', action='store_true', help='profile laion_nb in-process instead')
+    a = p.parse_args()
+    from laion_nb.demo import BENCH_FAILURES, make_demo_dump
+    failures = BENCH_FAILURES + (['stall/{i}'] if a.stalls else [])
+    tmp = Path(tempfile.mkdtemp(prefix='laion_nb_bench_'))
+    rows = []
+    try:
+        for latency in a.latency:
+            with Server(latency) as server:
+                dump = make_demo_dump(tmp/'dump', server, n=a.rows, fail_share=a.fail_share, shard_rows=10_000,
+                                      failures=failures)
+                if a.profile: profile(dump, tmp/'prof', a); continue
+                tools = [('laion_nb', run_ours)] + ([] if a.no_peer or not Path(a.peer).exists() else [('img2dataset', run_peer)])
+                for name, run in tools:
+                    out = tmp/f'out-{name}'
+                    wall, cpu, rss, saved = run(dump, out, a)
+                    rows.append((name, latency, a.rows, wall, a.rows / wall, cpu / a.rows * 1000, rss / 2**20, saved))
+                    print(f'{name:12s} latency {latency*1000:4.0f} ms: {a.rows / wall:7.1f} URLs/s  {cpu / a.rows * 1000:5.2f} ms CPU/URL  '
+                          f'peak RSS {rss / 2**20:6.0f} MB  saved {saved}  ({wall:.1f} s)', flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(tmp/'dump', ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if rows:
+        print('\n| tool | latency | rows | wall s | URLs/s | CPU ms/URL | peak RSS MB | saved |\n|---|---|---|---|---|---|---|---|')
+        for r in rows: print(f'| {r[0]} | {r[1]*1000:.0f} ms | {r[2]:,} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:.0f} | {r[7]:,} |')
+
+
+if __name__ == '__main__':
+    main()

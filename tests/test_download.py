@@ -1,0 +1,227 @@
+"The downloader against the real demo server on 127.0.0.1: every failure type, retries, kill -9 and resume, reruns, the address guard, the CLI."
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from laion_nb import demo, records
+from laion_nb.download import DownloadConfig, _parser, download, main
+from laion_nb.errors import ERROR_TYPES, is_transient
+
+
+@pytest.fixture(scope='module')
+def server():
+    with demo.ImageServer() as s:
+        yield s
+
+
+def cfg_for(dump, out, **kw):
+    kw = {'timeout': 1.0, 'retries': 1, 'allow_private_networks': True, 'processes': 1, **kw}
+    return DownloadConfig(metadata=dump, output_dir=out, **kw)
+
+
+def outcome(out):
+    "What an output dir holds: saved indices with their file hashes, and failed indices with their error types."
+    saved, failed = records.read_saved(out), records.read_failed(out)
+    files = {int(p.stem): hashlib.sha256(p.read_bytes()).hexdigest() for p in (Path(out)/'images').iterdir()}
+    return ({int(i): h for i, h in zip(saved['index'], saved['sha256'])}, dict(zip(failed['index'].astype(int), failed['error_type'])),
+            files)
+
+
+def assert_clean(out):
+    "Every saved record has its whole JPEG on disk, no stray or temp file is left, no index is listed twice."
+    saved = records.read_saved(out)
+    names = sorted(os.listdir(Path(out)/'images'))
+    assert names == sorted(f'{i}.jpg' for i in saved['index']), 'images/ holds exactly the saved images'
+    for rec in saved.itertuples():
+        data = (Path(out)/rec.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == rec.sha256 and len(data) == rec.bytes
+        im = Image.open(Path(out)/rec.path); im.load()
+        assert im.format == 'JPEG' and im.size == (rec.width, rec.height) and min(im.size) >= 64
+    lines = [json.loads(l) for l in (Path(out)/'image_paths.jsonl').read_text().splitlines()]
+    assert len(lines) == len({l['index'] for l in lines}), 'no image recorded twice'
+
+
+def test_every_failure_of_the_demo_has_its_type(server, tmp_path):
+    dump = demo.make_demo_dump(tmp_path/'dump', server)
+    rep = download(cfg_for(dump, tmp_path/'out'), progress=None)
+    failed = records.read_failed(tmp_path/'out')
+    types = set(failed['error_type'])
+    assert types == set(ERROR_TYPES) - {'blocked_address'}   # blocked_address has its own test below
+    assert rep.attempted == len(records.read_saved(tmp_path/'out')) + len(failed) == 49
+    doc = json.loads((tmp_path/'out'/'download_errors.json').read_text())
+    assert doc['summary']['failed'] == len(doc['errors']) == len(failed)
+    assert set(doc['errors'][0]) == {'index', 'url', 'error_type', 'status', 'message', 'attempts'}
+    assert_clean(tmp_path/'out')
+
+
+def test_retries_only_transient_failures_and_counts_attempts(server, tmp_path):
+    urls = [server.url(r) for r in ('status/503', 'status/404', 'flaky/1234.jpg', 'reset/77', 'html/5')]
+    dump = tmp_path/'dump.parquet'
+    pd.DataFrame({'url': urls, 'caption': list('abcde')}).to_parquet(dump)
+    before = server.hits.copy()
+    download(cfg_for(dump, tmp_path/'out', retries=2, timeout=3), progress=None)
+    hits = {p: server.hits[p] - before[p] for p in ('/status/503', '/status/404', '/flaky/1234.jpg', '/reset/77', '/html/5')}
+    assert hits == {'/status/503': 3, '/status/404': 1, '/flaky/1234.jpg': 3, '/reset/77': 3, '/html/5': 1}
+    failed = records.read_failed(tmp_path/'out').set_index('index')
+    assert failed['attempts'].to_dict() == {0: 3, 1: 1, 3: 3, 4: 1}
+    assert records.read_saved(tmp_path/'out')['index'].tolist() == [2]
+
+
+def test_private_addresses_are_refused_by_default(server, tmp_path):
+    dump = tmp_path/'dump.parquet'
+    pd.DataFrame({'url': [server.url(f'img/{i}.jpg') for i in range(5)] + ['http://169.254.169.254/latest/meta-data'],
+                  'caption': ['x'] * 6}).to_parquet(dump)
+    before = sum(server.hits.values())
+    rep = download(DownloadConfig(metadata=dump, output_dir=tmp_path/'out', processes=1), progress=None)
+    assert rep.by_type == {'blocked_address': 6} and rep.saved == 0
+    assert sum(server.hits.values()) == before, 'not a single request reached the server'
+
+
+def test_rerun_is_idempotent_and_a_larger_max_samples_extends(server, tmp_path):
+    dump = demo.make_demo_dump(tmp_path/'dump', server, n=120, fail_share=0.0)
+    out = tmp_path/'out'
+    first = download(cfg_for(dump, out, max_samples=50), progress=None)
+    assert (first.attempted, first.saved) == (50, 50)
+    log = (out/'image_paths.jsonl').read_bytes()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out/'images').iterdir()}
+    hits = sum(server.hits.values())
+    again = download(cfg_for(dump, out, max_samples=50), progress=None)
+    assert (again.attempted, again.skipped) == (0, 50) and sum(server.hits.values()) == hits
+    assert (out/'image_paths.jsonl').read_bytes() == log
+    assert {p.name: p.stat().st_mtime_ns for p in (out/'images').iterdir()} == mtimes
+    more = download(cfg_for(dump, out, max_samples=120), progress=None)
+    assert (more.attempted, more.skipped) == (70, 50)
+    assert records.read_saved(out)['index'].tolist() == list(range(120))
+    assert_clean(out)
+
+
+def test_retry_failed_and_opt_out_flag(server, tmp_path):
+    dump = tmp_path/'dump.parquet'
+    pd.DataFrame({'url': [server.url('noai/3.jpg'), server.url('status/404')], 'caption': ['a', 'b']}).to_parquet(dump)
+    out = tmp_path/'out'
+    assert download(cfg_for(dump, out), progress=None).by_type == {'opt_out': 1, 'http_status': 1}
+    assert download(cfg_for(dump, out), progress=None).attempted == 0          # permanent failures are not retried
+    rep = download(cfg_for(dump, out, retry_failed=True, respect_opt_out=False), progress=None)
+    assert (rep.attempted, rep.saved, rep.by_type) == (2, 1, {'http_status': 1})
+    assert records.read_failed(out)['index'].tolist() == [1]
+
+
+def test_processes_give_the_same_result_as_threads(server, tmp_path):
+    dump = demo.make_demo_dump(tmp_path/'dump', server, n=400, fail_share=0.15, seed=3)
+    one = download(cfg_for(dump, tmp_path/'one', processes=1, retries=0), progress=None)
+    two = download(cfg_for(dump, tmp_path/'two', processes=2, threads=16, retries=0), progress=None)
+    assert one.attempted == two.attempted == 400
+    assert outcome(tmp_path/'one') == outcome(tmp_path/'two')
+    assert_clean(tmp_path/'two')
+
+
+def cli(*argv, timeout=120):
+    return subprocess.run([sys.executable, '-m', 'laion_nb.download', *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('processes', [1, 2])
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, processes):
+    with demo.ImageServer(latency=0.02) as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=600, fail_share=0.1, seed=5)
+        args = ['--metadata', dump, '--timeout', '1', '--retry', '0', '--allow-private-networks', '--quiet',
+                '--threads', '8', '--processes', processes]
+        whole = cli(*args, '--output-dir', tmp_path/'whole')
+        assert whole.returncode == 0, whole.stderr
+        out = tmp_path/'killed'
+        p = subprocess.Popen([sys.executable, '-m', 'laion_nb.download', *map(str, args), '--output-dir', str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # kill it once a good part of the rows is recorded
+            log = out/'image_paths.jsonl'
+            if log.exists() and log.read_bytes().count(b'\n') >= 150: break
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+        done_before = records.summarize(out)['attempted']
+        assert 150 <= done_before < 600, 'killed mid-run'
+        resumed = cli(*args, '--output-dir', out)
+        assert resumed.returncode == 0, resumed.stderr
+    assert outcome(out) == outcome(tmp_path/'whole')
+    assert_clean(out)
+    assert json.loads((out/'download_errors.json').read_text())['summary'] == \
+           json.loads((tmp_path/'whole'/'download_errors.json').read_text())['summary']
+
+
+def test_cli_help_lists_every_flag():
+    r = cli('--help')
+    assert r.returncode == 0
+    for flag in ('--metadata', '--output-dir', '--max-samples', '--timeout', '--retry', '--threads', '--processes', '--per-host',
+                 '--resize', '--retry-failed', '--no-opt-out-check', '--allow-private-networks', '--max-bytes', '--quiet'):
+        assert flag in r.stdout, flag
+    a = _parser().parse_args([])  # the guide's defaults
+    assert (a.metadata, a.output_dir, a.max_samples, a.timeout, a.retry) == \
+           ('data_formal_alin/laion-1m-vit-h-14/metadate/metadata_000.parquet', 'data_formal_alin/laion-1m-vit-h-14', None, 10.0, 3)
+
+
+def test_cli_resize_and_max_samples(server, tmp_path):
+    dump = tmp_path/'dump.parquet'
+    pd.DataFrame({'url': [server.url(f'img/{i}.png') for i in range(6)], 'caption': ['x'] * 6}).to_parquet(dump)
+    r = cli('--metadata', dump, '--output-dir', tmp_path/'out', '--max-samples', 4, '--resize', 100, '--allow-private-networks', '--quiet')
+    assert r.returncode == 0, r.stderr
+    saved = records.read_saved(tmp_path/'out')
+    assert saved['index'].tolist() == [0, 1, 2, 3]
+    assert (saved[['width', 'height']].max(axis=1) == 100).all()
+
+
+@pytest.mark.parametrize('argv, want', [
+    (['--max-samples', '-1'], '--max-samples must be at least 0'),
+    (['--threads', '0'], '--threads must be at least 1'),
+    (['--timeout', '0'], '--timeout must be > 0'),
+    (['--metadata', '/nonexistent/meta.parquet'], '/nonexistent/meta.parquet'),
+])
+def test_cli_bad_flags_exit_2_naming_the_flag(argv, want, capsys):
+    with pytest.raises(SystemExit) as e: main(argv)
+    assert e.value.code == 2
+    assert want in capsys.readouterr().err
+
+
+def test_bad_inputs_name_the_file(server, tmp_path):
+    dump = tmp_path/'nourl.parquet'
+    pd.DataFrame({'address': ['x'], 'caption': ['y']}).to_parquet(dump)
+    r = cli('--metadata', dump, '--output-dir', tmp_path/'out')
+    assert r.returncode == 2 and 'nourl.parquet' in r.stderr and 'address' in r.stderr, r.stderr
+    notparquet = tmp_path/'meta.parquet'
+    notparquet.write_text('hello')
+    r = cli('--metadata', notparquet, '--output-dir', tmp_path/'out')
+    assert r.returncode == 2 and 'meta.parquet' in r.stderr, r.stderr
+    good = tmp_path/'good.parquet'
+    pd.DataFrame({'url': [server.url('img/1.jpg')], 'caption': ['y']}).to_parquet(good)
+    (tmp_path/'out2').mkdir()
+    (tmp_path/'out2'/'image_paths.jsonl').write_text('{"index": 0, "path": "images/0.jpg"}\nnot json\n')
+    r = cli('--metadata', good, '--output-dir', tmp_path/'out2', '--allow-private-networks')
+    assert r.returncode == 2 and 'image_paths.jsonl, line 1' in r.stderr, r.stderr
+    assert (tmp_path/'out2'/'image_paths.jsonl').read_text().endswith('not json\n'), 'nothing already there is lost'
+
+
+def test_interrupt_keeps_records_and_exits_130(tmp_path):
+    with demo.ImageServer(latency=0.05) as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=400, fail_share=0.0)
+        p = subprocess.Popen([sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(tmp_path/'out'),
+                              '--allow-private-networks', '--quiet', '--threads', '4', '--processes', '1'],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        log = tmp_path/'out'/'image_paths.jsonl'
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (log.exists() and log.read_bytes().count(b'\n') >= 20): time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    assert 'run the same command again to resume' in err
+    n = records.summarize(tmp_path/'out')['saved']
+    assert 20 <= n < 400
+    assert_clean(tmp_path/'out')
