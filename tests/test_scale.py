@@ -1,0 +1,117 @@
+"Shards on a real Dask LocalCluster (2 worker processes) against the demo server: same result as one machine, a killed worker, the CLI."
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from laion_nb import demo, records
+from laion_nb.download import DownloadConfig, download
+from laion_nb.scale import Shard, download_on_dask, plan_shards
+
+distributed = pytest.importorskip('dask.distributed')  # the [dask] extra; .ci installs it with [dev]
+
+
+@pytest.fixture(scope='module')
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=':0') as c, \
+         distributed.Client(c) as client:
+        yield c, client
+
+
+def outcome(out):
+    "Saved indices with the hashes of their files, and failed indices with their error types."
+    saved, failed = records.read_saved(out), records.read_failed(out)
+    for rec in saved.itertuples():
+        assert hashlib.sha256((Path(out)/rec.path).read_bytes()).hexdigest() == rec.sha256
+    return dict(zip(saved['index'], saved['sha256'])), dict(zip(failed['index'], failed['error_type']))
+
+
+def assert_clean(out):
+    out = Path(out)
+    assert not (out/'shards').exists(), 'shard logs merged and removed'
+    assert sorted(os.listdir(out/'images')) == sorted(f'{i}.jpg' for i in records.read_saved(out)['index']), 'no stray or temp file'
+    lines = (out/'image_paths.jsonl').read_text().splitlines()
+    assert len(lines) == len({json.loads(l)['index'] for l in lines}), 'no image recorded twice'
+
+
+def test_dask_run_matches_a_single_machine_run(cluster, tmp_path):
+    _, client = cluster
+    with demo.ImageServer() as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=500, fail_share=0.15, seed=2, shard_rows=170)
+        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'local', timeout=2, retries=1, allow_private_networks=True,
+                             threads=8, processes=1)
+        local = download(cfg, progress=None)
+        rep = download_on_dask(replace(cfg, output_dir=tmp_path/'dask'), client, shard_size=60, progress=None)
+    assert (rep.attempted, rep.saved, rep.failed) == (local.attempted, local.saved, local.failed) == (500, local.saved, 500 - local.saved)
+    assert outcome(tmp_path/'dask') == outcome(tmp_path/'local')
+    assert json.loads((tmp_path/'dask'/'download_errors.json').read_text())['summary'] == \
+           json.loads((tmp_path/'local'/'download_errors.json').read_text())['summary']
+    assert_clean(tmp_path/'dask')
+
+
+def test_max_samples_and_rerun_on_dask(cluster, tmp_path):
+    _, client = cluster
+    with demo.ImageServer() as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=120, fail_share=0.0)
+        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, threads=8)
+        first = download_on_dask(replace(cfg, max_samples=50), client, shard_size=20, progress=None)
+        hits = sum(server.hits.values())
+        again = download_on_dask(replace(cfg, max_samples=50), client, shard_size=20, progress=None)
+        assert (first.attempted, again.attempted, again.skipped, sum(server.hits.values())) == (50, 0, 50, hits)
+        more = download_on_dask(cfg, client, shard_size=20, progress=None)
+    assert (more.attempted, more.skipped) == (70, 50)
+    assert records.read_saved(tmp_path/'out')['index'].tolist() == list(range(120))
+    assert_clean(tmp_path/'out')
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_gives_the_same_result(cluster, tmp_path):
+    _, client = cluster
+    with demo.ImageServer(latency=0.03) as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=800, fail_share=0.1, seed=4)
+        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'dask', timeout=2, retries=0, allow_private_networks=True,
+                             threads=4, processes=1)
+        result = {}
+        run = threading.Thread(target=lambda: result.setdefault('rep', download_on_dask(cfg, client, shard_size=400, progress=None)))
+        run.start()
+        deadline, killed = time.monotonic() + 60, None
+        while time.monotonic() < deadline and killed is None:  # the first shard is well under way: kill its worker
+            logs = list((tmp_path/'dask'/'shards').glob('*/image_paths.jsonl'))
+            if logs and max(l.read_bytes().count(b'\n') for l in logs) >= 40:
+                pids = client.run(os.getpid)
+                killed = next(iter(pids.values()))
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        run.join(240)
+        assert killed and not run.is_alive()
+        local = download(replace(cfg, output_dir=tmp_path/'local'), progress=None)
+    assert result['rep'].attempted >= 800 - 0 and records.summarize(tmp_path/'dask')['attempted'] == 800
+    assert outcome(tmp_path/'dask') == outcome(tmp_path/'local')
+    assert_clean(tmp_path/'dask')
+    client.wait_for_workers(2, timeout=60)  # the nanny brought the worker back for the next test
+
+
+def test_cli_dask_scheduler(cluster, tmp_path):
+    c, _ = cluster
+    with demo.ImageServer() as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=40, fail_share=0.2, seed=7)
+        r = subprocess.run([sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(tmp_path/'out'),
+                            '--allow-private-networks', '--quiet', '--timeout', '2', '--dask-scheduler', c.scheduler_address,
+                            '--shard-size', '15'], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert records.summarize(tmp_path/'out')['attempted'] == 40
+    assert_clean(tmp_path/'out')
+
+
+def test_plan_covers_every_row_once():
+    shards = plan_shards(100_001, 10_000)
+    assert len(shards) == 11 and shards[-1] == Shard(100_000, 100_001)
+    assert sum(len(s) for s in shards) == 100_001 and all(a.stop == b.start for a, b in zip(shards, shards[1:]))
