@@ -7,6 +7,7 @@ every 50 ms) and the images saved. img2dataset runs from its own virtualenv (`--
 
     python bench/bench_download.py --peer /path/to/venv/bin/img2dataset
     python bench/bench_download.py --peer ... --stalls      # with URLs that hang: the run's tail
+    python bench/bench_download.py --peer ... --size 1024x768  # photo-sized pictures
     python bench/bench_download.py --rows 100000 --latency 0 --no-peer      # the memory check
     python bench/bench_download.py --rows 2000 --latency 0 --no-peer --profile  # where the CPU goes
 """
@@ -131,6 +132,7 @@ def main():
     p.add_argument('--rows', type=int, default=5000)
     p.add_argument('--fail-share', type=float, default=0.1)
     p.add_argument('--stalls', action='store_true', help='add a URL that stalls past the timeout to the failure mix')
+    p.add_argument('--size', default=None, help='WxH of every good picture, e.g. 1024x768 (default: varied, 160x120 to 480x360)')
     p.add_argument('--latency', type=float, nargs='+', default=[0.0, 0.1], help='seconds of injected latency, one run each')
     p.add_argument('--processes', type=int, default=2)
     p.add_argument('--threads', type=int, default=64)
@@ -143,20 +145,21 @@ def main():
     a = p.parse_args()
     from laion_nb.demo import BENCH_FAILURES, make_demo_dump
     failures = BENCH_FAILURES + (['stall/{i}'] if a.stalls else [])
+    size = tuple(int(v) for v in a.size.split('x')) if a.size else None
     tmp = Path(tempfile.mkdtemp(prefix='laion_nb_bench_'))
     rows = []
     try:
         for latency in a.latency:
             with Server(latency) as server:
                 dump = make_demo_dump(tmp/'dump', server, n=a.rows, fail_share=a.fail_share, shard_rows=10_000,
-                                      failures=failures)
+                                      failures=failures, size=size)
                 if a.profile: profile(dump, tmp/'prof', a); continue
                 tools = [('laion_nb', run_ours)] + ([] if a.no_peer or not Path(a.peer).exists() else [('img2dataset', run_peer)])
                 for name, run in tools:
                     out = tmp/f'out-{name}'
                     wall, cpu, rss, saved = run(dump, out, a)
                     rows.append((name, latency, a.rows, wall, a.rows / wall, cpu / a.rows * 1000, rss / 2**20, saved))
-                    print(f'{name:12s} latency {latency*1000:4.0f} ms: {a.rows / wall:7.1f} URLs/s  {cpu / a.rows * 1000:5.2f} ms CPU/URL  '
+                    print(f'{name:12s} {a.size or "mixed":>9s} latency {latency*1000:4.0f} ms: {a.rows / wall:7.1f} URLs/s  {cpu / a.rows * 1000:5.2f} ms CPU/URL  '
                           f'peak RSS {rss / 2**20:6.0f} MB  saved {saved}  ({wall:.1f} s)', flush=True)
                     shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(tmp/'dump', ignore_errors=True)
