@@ -106,13 +106,14 @@ def run_peer(dump, out, a):
 
 
 def profile(dump, out, a):
-    "Sample laion_nb (one process, all threads) with py-spy and print the functions that take the most CPU."
+    """Sample laion_nb (one process) with py-spy and print the functions that take the most time: the GIL holder's, or with
+    --native every thread's (waits included: py-spy cannot tell them apart here)."""
     spy = shutil.which('py-spy') or str(Path(sys.executable).parent/'py-spy')
     cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
            '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries), '--processes', '1',
            '--threads', str(a.threads), '--per-host', str(a.threads)]
     raw = out.parent/'profile.txt'
-    subprocess.run([spy, 'record', '--gil', '-r', '200', '-f', 'raw', '-o', str(raw), '--', *cmd], check=True,
+    subprocess.run([spy, 'record', *(['--gil'] if not a.native else ['--native']), '-r', '200', '-f', 'raw', '-o', str(raw), '--', *cmd], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     own, total, n = {}, {}, 0
     for line in raw.read_text().splitlines():
@@ -141,7 +142,8 @@ def main():
     p.add_argument('--peer', default=os.environ.get('IMG2DATASET', str(Path.home()/'i2d-venv/bin/img2dataset')),
                    help='the img2dataset executable, in its own virtualenv')
     p.add_argument('--no-peer', action='store_true')
-    p.add_argument('--profile', action='store_true', help='profile laion_nb in-process instead')
+    p.add_argument('--profile', action='store_true', help='profile laion_nb (one process) with py-spy instead')
+    p.add_argument('--native', action='store_true', help='with --profile: all threads with native frames, not only the GIL holder')
     a = p.parse_args()
     from laion_nb.demo import BENCH_FAILURES, make_demo_dump
     failures = BENCH_FAILURES + (['stall/{i}'] if a.stalls else [])

@@ -26,6 +26,7 @@ def main():
     p.add_argument('--shard-size', type=int, default=2_000)
     p.add_argument('--latency', type=float, default=0.0)
     p.add_argument('--threads', type=int, default=64)
+    p.add_argument('--worker-threads', type=int, default=2, help='Dask threads per worker: shards run at once on each')
     a = p.parse_args()
     from dask.distributed import Client, LocalCluster
     from laion_nb import records
@@ -43,7 +44,7 @@ def main():
             local = download(cfg, progress=None)
             rows.append(('local default (2 processes)', time.monotonic() - t0, cpu() - c0, local))
             # cluster workers are separate processes (not children that have been waited for); their CPU is read from them
-            with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=':0') as cluster, Client(cluster) as client:
+            with LocalCluster(n_workers=2, threads_per_worker=a.worker_threads, dashboard_address=':0') as cluster, Client(cluster) as client:
                 def worker_cpu():
                     def own():
                         import resource
@@ -53,7 +54,7 @@ def main():
                 rep = download_on_dask(DownloadConfig(**{**cfg.__dict__, 'output_dir': tmp/'dask'}), client,
                                        shard_size=a.shard_size, progress=None)
                 wall = time.monotonic() - t0
-                rows.append((f'LocalCluster, 2 workers, shards of {a.shard_size:,}', wall, cpu() - c0 + worker_cpu() - w0, rep))
+                rows.append((f'LocalCluster, 2 workers x {a.worker_threads} threads, shards of {a.shard_size:,}', wall, cpu() - c0 + worker_cpu() - w0, rep))
         same = records.read_saved(tmp/'local')['index'].tolist() == records.read_saved(tmp/'dask')['index'].tolist()
         print(f'\n{a.rows:,} rows, {a.latency * 1000:.0f} ms latency; same rows saved: {same}\n')
         print('| run | wall s | URLs/s | CPU ms/URL | saved |\n|---|---|---|---|---|')
