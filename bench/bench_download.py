@@ -2,8 +2,8 @@
 
 Builds an N-row demo dump (default 5,000, 10 % failing), serves it from the demo image server in its own
 process on 127.0.0.1 (0 ms and 100 ms injected latency), and runs each tool as a subprocess, measuring
-wall time, CPU seconds (user + system of the whole process tree), peak RSS (sum over the tree, sampled
-every 50 ms) and the images saved. img2dataset runs from its own virtualenv (`--peer`), outside the repo.
+wall time, CPU seconds (user + system of the whole process tree, see `measure`), peak RSS (sum over the
+tree, sampled every 50 ms) and the images saved. img2dataset runs from its own virtualenv (`--peer`), outside the repo.
 
     python bench/bench_download.py --peer /path/to/venv/bin/img2dataset
     python bench/bench_download.py --peer ... --stalls      # with URLs that hang: the run's tail
@@ -37,20 +37,26 @@ class Server:
         if self.proc.is_alive(): self.proc.kill()
 
 
-def tree_rss(pid):
-    "Resident memory of `pid` and all its descendants, in bytes."
-    kids, total = {}, 0
+def tree_pids(pid):
+    "`pid` and all its descendants."
+    kids = {}
     for d in os.listdir('/proc'):
         if not d.isdigit(): continue
-        try:
-            stat = Path(f'/proc/{d}/stat').read_text()
-            kids.setdefault(int(stat.rsplit(')', 1)[1].split()[1]), []).append(int(d))
+        try: kids.setdefault(int(Path(f'/proc/{d}/stat').read_text().rsplit(')', 1)[1].split()[1]), []).append(int(d))
         except OSError: pass
-    todo = [pid]
+    out, todo = [], [pid]
     while todo:
-        p = todo.pop()
-        todo += kids.get(p, [])
+        p = todo.pop(); out.append(p); todo += kids.get(p, [])
+    return out
+
+
+def sample_tree(pid, cpu):
+    "Resident memory of the tree of `pid` in bytes; records each process's CPU seconds so far in `cpu`."
+    total, tck = 0, os.sysconf('SC_CLK_TCK')
+    for p in tree_pids(pid):
         try:
+            f = Path(f'/proc/{p}/stat').read_text().rsplit(')', 1)[1].split()
+            cpu[p] = (int(f[11]) + int(f[12])) / tck
             for line in Path(f'/proc/{p}/status').read_text().splitlines():
                 if line.startswith('VmRSS:'): total += int(line.split()[1]) * 1024
         except OSError: pass
@@ -58,19 +64,23 @@ def tree_rss(pid):
 
 
 def measure(cmd, env=None):
-    "Run `cmd`; wall seconds, CPU seconds of the tree, peak RSS of the tree."
+    """Run `cmd`: wall seconds, CPU seconds of its process tree, peak RSS of the tree (sum over processes).
+
+    CPU is the larger of two readings: rusage of the children that were waited for, and the sum over every
+    process seen in the tree of its last CPU reading from /proc (sampled every 50 ms). The second catches
+    worker processes that are never waited for, which rusage misses (img2dataset's, measured here)."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    peak, stop = [0], threading.Event()
+    peak, cpu, stop = [0], {}, threading.Event()
     def sample():
-        while not stop.wait(0.05): peak[0] = max(peak[0], tree_rss(p.pid))
+        while not stop.wait(0.05): peak[0] = max(peak[0], sample_tree(p.pid, cpu))
     t = threading.Thread(target=sample, daemon=True); t.start()
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.monotonic() - t0
     stop.set(); t.join()
     err = p.stderr.read().decode(errors='replace')
     if os.waitstatus_to_exitcode(status) != 0: raise RuntimeError(f'{cmd[0]} failed:\n{err[-2000:]}')
-    return wall, ru.ru_utime + ru.ru_stime, peak[0]
+    return wall, max(ru.ru_utime + ru.ru_stime, sum(cpu.values())), peak[0]
 
 
 def count_jpegs(folder):
