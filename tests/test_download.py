@@ -209,16 +209,17 @@ def test_bad_inputs_name_the_file(server, tmp_path):
     assert (tmp_path/'out2'/'image_paths.jsonl').read_text().endswith('not json\n'), 'nothing already there is lost'
 
 
-def test_interrupt_keeps_records_and_exits_130(tmp_path):
+@pytest.mark.parametrize('processes', [1, 2])
+def test_interrupt_keeps_records_and_exits_130(tmp_path, processes):
     with demo.ImageServer(latency=0.05) as server:
         dump = demo.make_demo_dump(tmp_path/'dump', server, n=400, fail_share=0.0)
         p = subprocess.Popen([sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(tmp_path/'out'),
-                              '--allow-private-networks', '--quiet', '--threads', '4', '--processes', '1'],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              '--allow-private-networks', '--quiet', '--threads', '4', '--processes', str(processes)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         log = tmp_path/'out'/'image_paths.jsonl'
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not (log.exists() and log.read_bytes().count(b'\n') >= 20): time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
         out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
     assert 'run the same command again to resume' in err
