@@ -5,6 +5,10 @@ process on 127.0.0.1 (0 ms and 100 ms injected latency), and runs each tool as a
 wall time, CPU seconds (user + system of the whole process tree, see `measure`), peak RSS (sum over the
 tree, sampled every 50 ms) and the images saved. img2dataset runs from its own virtualenv (`--peer`), outside the repo.
 
+Outputs are deleted only at the end: on ext4, creating files within a minute or so of deleting many
+others makes the kernel scan for recently deleted inodes (seen with `perf`: 10 % of a run's CPU), so a
+run right after another's cleanup would pay for it. `--repeat N` alternates the tools N times.
+
     python bench/bench_download.py --peer /path/to/venv/bin/img2dataset
     python bench/bench_download.py --peer ... --stalls      # with URLs that hang: the run's tail
     python bench/bench_download.py --peer ... --size 1024x768  # photo-sized pictures
@@ -152,6 +156,7 @@ def main():
     p.add_argument('--peer', default=os.environ.get('IMG2DATASET', str(Path.home()/'i2d-venv/bin/img2dataset')),
                    help='the img2dataset executable, in its own virtualenv')
     p.add_argument('--no-peer', action='store_true')
+    p.add_argument('--repeat', type=int, default=1, help='runs of each tool per latency, alternating')
     p.add_argument('--profile', action='store_true', help='profile laion_nb (one process) with py-spy instead')
     p.add_argument('--native', action='store_true', help='with --profile: all threads with native frames, not only the GIL holder')
     a = p.parse_args()
@@ -163,23 +168,28 @@ def main():
     try:
         for latency in a.latency:
             with Server(latency) as server:
-                dump = make_demo_dump(tmp/'dump', server, n=a.rows, fail_share=a.fail_share, shard_rows=10_000,
+                dump = make_demo_dump(tmp/f'dump-{latency}', server, n=a.rows, fail_share=a.fail_share, shard_rows=10_000,
                                       failures=failures, size=size)
                 if a.profile: profile(dump, tmp/'prof', a); continue
                 tools = [('laion_nb', run_ours)] + ([] if a.no_peer or not Path(a.peer).exists() else [('img2dataset', run_peer)])
-                for name, run in tools:
-                    out = tmp/f'out-{name}'
+                for k, (name, run) in enumerate(tools * a.repeat):
+                    out = tmp/f'out-{name}-{latency}-{k}'
                     wall, cpu, rss, saved = run(dump, out, a)
                     rows.append((name, latency, a.rows, wall, a.rows / wall, cpu / a.rows * 1000, rss / 2**20, saved))
                     print(f'{name:12s} {a.size or "mixed":>9s} latency {latency*1000:4.0f} ms: {a.rows / wall:7.1f} URLs/s  {cpu / a.rows * 1000:5.2f} ms CPU/URL  '
                           f'peak RSS {rss / 2**20:6.0f} MB  saved {saved}  ({wall:.1f} s)', flush=True)
-                    shutil.rmtree(out, ignore_errors=True)
-                shutil.rmtree(tmp/'dump', ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if rows:
         print('\n| tool | latency | rows | wall s | URLs/s | CPU ms/URL | peak RSS MB | saved |\n|---|---|---|---|---|---|---|---|')
         for r in rows: print(f'| {r[0]} | {r[1]*1000:.0f} ms | {r[2]:,} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:.0f} | {r[7]:,} |')
+        for latency in a.latency:
+            got = {name: [r for r in rows if r[0] == name and r[1] == latency] for name in ('laion_nb', 'img2dataset')}
+            if not all(got.values()): continue
+            lo = lambda name, i: min(r[i] for r in got[name]); hi = lambda name, i: max(r[i] for r in got[name])
+            print(f'\nlatency {latency*1000:.0f} ms, laion_nb / img2dataset: URLs/s {lo("laion_nb", 4) / hi("img2dataset", 4):.2f}-'
+                  f'{hi("laion_nb", 4) / lo("img2dataset", 4):.2f}x, CPU per URL {lo("laion_nb", 5) / hi("img2dataset", 5):.2f}-'
+                  f'{hi("laion_nb", 5) / lo("img2dataset", 5):.2f}x')
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_demo.ipynb #4c421e73
 from __future__ import annotations
-import argparse, io, json, math, os, random, socket, struct, sys, tempfile, threading, time, wave
+import argparse, gzip, io, json, math, os, random, socket, ssl, struct, sys, tempfile, threading, time, wave
 from collections import Counter
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,8 +73,9 @@ ROUTES = {
     'huge':      'announces a 1 GiB body',
     'endless':   'an image body with no length that never ends',
     'noai':      'a picture with X-Robots-Tag: noai',
+    'gzip':      'a JPEG sent gzip-compressed (Content-Encoding: gzip)',
     'flaky':     '503 twice for each id, then the picture',
-    'echo':      'the request headers, as JSON (to check what a client sends)',
+    'echo':      'the request line and headers, as JSON (to check what a client sends)',
 }
 
 def _bomb_png(w=60000, h=60000) -> bytes:
@@ -99,7 +100,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server.owner
-        path, _, query = self.path.partition('?')
+        target = self.path
+        if target.startswith(('http://', 'https://')): target = '/' + target.split('://', 1)[1].partition('/')[2]  # as a proxy gets it
+        path, _, query = target.partition('?')
         self.size = None
         if query.startswith('size='):
             try: self.size = tuple(int(v) for v in query[5:].split('x', 1))
@@ -119,6 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fmt not in ('jpg', 'png', 'webp', 'gif'): return self.r_missing(i, ext, n)
         self._send(200, demo_image(i, fmt, self.size), f"image/{ {'jpg': 'jpeg'}.get(fmt, fmt)}")
     def r_rgba(self, i, ext, n): self._send(200, demo_image(i, 'rgba'), 'image/png')
+    def r_gzip(self, i, ext, n): self._send(200, gzip.compress(demo_image(i), mtime=0), 'image/jpeg', [('Content-Encoding', 'gzip')])
     def r_status(self, code, ext, n):
         self._send(code, f'HTTP {code}'.encode(), 'text/plain', [('Retry-After', '1')] if code in (429, 503) else [])
     def r_html(self, i, ext, n): self._send(200, b'<!doctype html><html><body><p>Image removed</p></body></html>', 'text/html')
@@ -133,7 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
     def r_flaky(self, i, ext, n):
         if n <= 2: return self.r_status(503, ext, n)
         self._send(200, demo_image(i))
-    def r_echo(self, i, ext, n): self._send(200, json.dumps(dict(self.headers)).encode(), 'application/json')
+    def r_echo(self, i, ext, n):
+        self._send(200, json.dumps({'request': self.requestline, 'headers': dict(self.headers)}).encode(), 'application/json')
     def r_stall(self, i, ext, n): self.server.owner._closing.wait(120)
     def r_drip(self, i, ext, n):
         self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
@@ -167,7 +172,7 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         "Clients that hang up (as a downloader does on a body that is too big) are part of the demo, not errors."
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)): super().handle_error(request, client_address)
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError)): super().handle_error(request, client_address)
 
     def shutdown_request(self, request):
         "Close a reset route's socket at once (with SO_LINGER 0 that sends a TCP RST, not a FIN)."
@@ -180,8 +185,9 @@ class _Server(ThreadingHTTPServer):
 class ImageServer:
     "The demo's image server on 127.0.0.1 (ephemeral port); a context manager. `hits` counts requests per path."
     def __init__(self, latency:float=0.0,  # seconds to wait before every answer
-                 port:int=0):              # 0: any free port
-        self.latency, self._port = latency, port
+                 port:int=0,               # 0: any free port
+                 tls:tuple[str, str]|None=None): # (certificate, key) PEM files: serve HTTPS with them
+        self.latency, self._port, self.tls = latency, port, tls
         self.hits, self._lock, self._closing = Counter(), threading.Lock(), threading.Event()
         self._httpd = None
 
@@ -189,6 +195,9 @@ class ImageServer:
         "Start serving in a background thread."
         self._httpd = _Server(('127.0.0.1', self._port), _Handler)
         self._httpd.owner, self._httpd.resets = self, set()
+        if self.tls:  # the handshake happens in the request's thread, on its first read
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(*self.tls)
+            self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True, do_handshake_on_connect=False)
         # a port that is bound but never listens: connections to it are refused (the `connect` error)
         self._refuser = socket.socket(); self._refuser.bind(('127.0.0.1', 0))
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={'poll_interval': 0.1}, daemon=True)
@@ -198,7 +207,7 @@ class ImageServer:
     @property
     def port(self) -> int: return self._httpd.server_address[1]
     @property
-    def base(self) -> str: return f'http://127.0.0.1:{self.port}'
+    def base(self) -> str: return f'{"https" if self.tls else "http"}://127.0.0.1:{self.port}'
     def url(self, route:str) -> str:
         "The URL of `route`, e.g. `img/3.jpg` or `status/404`."
         return f'{self.base}/{route.lstrip("/")}'

@@ -53,8 +53,7 @@ class DownloadConfig:
 
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(timeout=self.timeout, retries=self.retries, max_bytes=self.max_bytes,
-                           respect_opt_out=self.respect_opt_out, allow_private_networks=self.allow_private_networks,
-                           pool_size=self.threads)
+                           respect_opt_out=self.respect_opt_out, allow_private_networks=self.allow_private_networks)
     def image_rules(self) -> ImageRules: return ImageRules(resize=self.resize)
     @property
     def row_deadline(self) -> float:
