@@ -13,7 +13,8 @@ run right after another's cleanup would pay for it. `--repeat N` alternates the 
     python bench/bench_download.py --peer ... --stalls      # with URLs that hang: the run's tail
     python bench/bench_download.py --peer ... --size 1024x768  # photo-sized pictures
     python bench/bench_download.py --rows 100000 --latency 0 --no-peer      # the memory check
-    python bench/bench_download.py --rows 2000 --latency 0 --no-peer --profile  # where the CPU goes
+    python bench/bench_download.py --rows 2000 --latency 0 --no-peer --profile  # where the Python time goes
+    python bench/bench_download.py --latency 0 --size 1024x768 --no-peer --perf  # where all the CPU goes
 """
 import argparse, multiprocessing as mp, os, shutil, subprocess, sys, tempfile, threading, time
 from pathlib import Path
@@ -142,6 +143,19 @@ def profile(dump, out, a):
     for f, k in sorted(total.items(), key=lambda x: -x[1])[:40]: print(f'{k / n:6.1%}  {f}')
 
 
+def perf(dump, out, a):
+    "Sample every CPU of a laion_nb run (both processes, C libraries and kernel included) with Linux perf; print the shares."
+    data = out.parent/'perf.data'
+    cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
+           '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries),
+           '--processes', str(a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
+    subprocess.run(['perf', 'record', '-F', '499', '-o', str(data), '--', *cmd], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for key, n in (('dso', 8), ('dso,sym', 15)):
+        rep = subprocess.run(['perf', 'report', '-i', str(data), '--no-children', '--sort', key], capture_output=True, text=True).stdout
+        print(f'\nCPU samples by {key}:'); print('\n'.join([l for l in rep.splitlines() if l.strip() and not l.startswith('#')][:n]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--rows', type=int, default=5000)
@@ -158,6 +172,7 @@ def main():
     p.add_argument('--no-peer', action='store_true')
     p.add_argument('--repeat', type=int, default=1, help='runs of each tool per latency, alternating')
     p.add_argument('--profile', action='store_true', help='profile laion_nb (one process) with py-spy instead')
+    p.add_argument('--perf', action='store_true', help='sample laion_nb with Linux perf (C and kernel time included) instead')
     p.add_argument('--native', action='store_true', help='with --profile: all threads with native frames, not only the GIL holder')
     a = p.parse_args()
     from laion_nb.demo import BENCH_FAILURES, make_demo_dump
@@ -171,6 +186,7 @@ def main():
                 dump = make_demo_dump(tmp/f'dump-{latency}', server, n=a.rows, fail_share=a.fail_share, shard_rows=10_000,
                                       failures=failures, size=size)
                 if a.profile: profile(dump, tmp/'prof', a); continue
+                if a.perf: perf(dump, tmp/'perf', a); continue
                 tools = [('laion_nb', run_ours)] + ([] if a.no_peer or not Path(a.peer).exists() else [('img2dataset', run_peer)])
                 for k, (name, run) in enumerate(tools * a.repeat):
                     out = tmp/f'out-{name}-{latency}-{k}'
