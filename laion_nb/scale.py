@@ -14,7 +14,7 @@ import numpy as np
 from . import records
 from .download import (DownloadConfig, DownloadReport, done_indices, end_run, open_run, pending_rows, run_rows,
                                _progress)
-from .errors import is_transient
+from .errors import ERROR_TYPES, is_transient
 
 # %% auto #0
 __all__ = ['SHARD_SIZE', 'Shard', 'plan_shards', 'run_shard', 'ShardTail', 'download_on_dask']
@@ -111,10 +111,15 @@ def download_on_dask(cfg:DownloadConfig,
         if hi - lo < len(sh): work.append((sh, done[lo:hi].tolist()))
     progress, counts, tail = _progress(progress), Counter(), ShardTail(out)
     if progress: progress.start(n_rows - skipped)
+    kinds = ('saved',) + ERROR_TYPES
+    last = np.zeros(n_rows, dtype=np.int8)  # per row: 0 if no record yet, else 1 + its outcome's place in `kinds`
     def follow():
         for rec in tail.read():
-            counts['saved' if isinstance(rec, records.Saved) else rec.error_type] += 1
-            if progress: progress.update(rec)
+            kind = 'saved' if isinstance(rec, records.Saved) else rec.error_type
+            if last[rec.index]: counts[kinds[last[rec.index] - 1]] -= 1  # a rescheduled shard did the row again: the last outcome counts
+            elif progress: progress.update(rec)
+            last[rec.index] = kinds.index(kind) + 1
+            counts[kind] += 1
     client, to_close = _client(client)
     interrupted, futures = False, []
     try:
@@ -134,4 +139,4 @@ def download_on_dask(cfg:DownloadConfig,
         for c in to_close: c.close()
         if progress: progress.close()
         records.merge_shards(out)
-    return end_run(out, n_rows, skipped, counts, t0, interrupted)
+    return end_run(out, n_rows, skipped, +counts, t0, interrupted)
