@@ -21,22 +21,23 @@ from pathlib import Path
 from types import SimpleNamespace
 
 
-def serve(latency, conn):
+def serve(latency, tls, conn):
     from laion_nb.demo import ImageServer
-    with ImageServer(latency=latency) as s:
+    with ImageServer(latency=latency, tls=tls) as s:
         conn.send(s.port)
         conn.recv()  # until told to stop
 
 
 class Server:
     "The demo image server in a process of its own, so its CPU is not counted against either tool."
-    def __init__(self, latency):
+    def __init__(self, latency, tls=None):
         self.parent, child = mp.Pipe()
-        self.proc = mp.get_context('spawn').Process(target=serve, args=(latency, child), daemon=True)
+        self.scheme = 'https' if tls else 'http'
+        self.proc = mp.get_context('spawn').Process(target=serve, args=(latency, tls, child), daemon=True)
     def __enter__(self):
         self.proc.start()
         self.port = self.parent.recv()
-        return SimpleNamespace(url=lambda route: f'http://127.0.0.1:{self.port}/{route.lstrip("/")}')
+        return SimpleNamespace(url=lambda route: f'{self.scheme}://127.0.0.1:{self.port}/{route.lstrip("/")}')
     def __exit__(self, *exc):
         self.parent.send('stop'); self.proc.join(10)
         if self.proc.is_alive(): self.proc.kill()
@@ -101,11 +102,25 @@ def check_saved(folder, sample=200):
         assert im.format == 'JPEG' and min(im.size) >= 64, f
 
 
+def tls_env(a):
+    "The environment that makes both tools trust the benchmark's certificate (with --tls)."
+    if not a.tls: return None
+    return {**os.environ, 'REQUESTS_CA_BUNDLE': a.tls[0], 'SSL_CERT_FILE': a.tls[0], 'CURL_CA_BUNDLE': a.tls[0]}
+
+
+def make_cert(folder):
+    "A self-signed certificate for 127.0.0.1 (the demo URLs' host), made with openssl."
+    cert, key = str(folder/'cert.pem'), str(folder/'key.pem')
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-keyout', key, '-out', cert,
+                    '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], check=True, capture_output=True)
+    return cert, key
+
+
 def run_ours(dump, out, a):
     cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
            '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries),
            '--processes', str(a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
-    wall, cpu, rss = measure(cmd)
+    wall, cpu, rss = measure(cmd, tls_env(a))
     check_saved(out/'images')
     return wall, cpu, rss, count_jpegs(out/'images')
 
@@ -115,7 +130,7 @@ def run_peer(dump, out, a):
            '--url_col', 'url', '--caption_col', 'caption', '--output_format', 'files', '--output_folder', str(out),
            '--processes_count', str(a.processes), '--thread_count', str(a.threads), '--resize_mode', 'no',
            '--timeout', str(a.timeout), '--retries', str(a.retries), '--enable_wandb', 'False']
-    env = {**os.environ, 'NO_ALBUMENTATIONS_UPDATE': '1'}
+    env = {**(tls_env(a) or os.environ), 'NO_ALBUMENTATIONS_UPDATE': '1'}
     wall, cpu, rss = measure(cmd, env)
     return wall, cpu, rss, count_jpegs(out)
 
@@ -128,7 +143,7 @@ def profile(dump, out, a):
            '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries), '--processes', '1',
            '--threads', str(a.threads), '--per-host', str(a.threads)]
     raw = out.parent/'profile.txt'
-    subprocess.run([spy, 'record', *(['--gil'] if not a.native else ['--native']), '-r', '200', '-f', 'raw', '-o', str(raw), '--', *cmd], check=True,
+    subprocess.run([spy, 'record', *(['--gil'] if not a.native else ['--native']), '-r', '200', '-f', 'raw', '-o', str(raw), '--', *cmd], check=True, env=tls_env(a),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     own, total, n = {}, {}, 0
     for line in raw.read_text().splitlines():
@@ -149,7 +164,7 @@ def perf(dump, out, a):
     cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
            '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries),
            '--processes', str(a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
-    subprocess.run(['perf', 'record', '-F', '499', '-o', str(data), '--', *cmd], check=True,
+    subprocess.run(['perf', 'record', '-F', '499', '-o', str(data), '--', *cmd], check=True, env=tls_env(a),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for key, n in (('dso', 8), ('dso,sym', 15)):
         rep = subprocess.run(['perf', 'report', '-i', str(data), '--no-children', '--sort', key], capture_output=True, text=True).stdout
@@ -170,6 +185,7 @@ def main():
     p.add_argument('--peer', default=os.environ.get('IMG2DATASET', str(Path.home()/'i2d-venv/bin/img2dataset')),
                    help='the img2dataset executable, in its own virtualenv')
     p.add_argument('--no-peer', action='store_true')
+    p.add_argument('--tls', action='store_true', help='serve HTTPS (a self-signed certificate both tools are told to trust)')
     p.add_argument('--repeat', type=int, default=1, help='runs of each tool per latency, alternating')
     p.add_argument('--profile', action='store_true', help='profile laion_nb (one process) with py-spy instead')
     p.add_argument('--perf', action='store_true', help='sample laion_nb with Linux perf (C and kernel time included) instead')
@@ -180,9 +196,10 @@ def main():
     size = tuple(int(v) for v in a.size.split('x')) if a.size else None
     tmp = Path(tempfile.mkdtemp(prefix='laion_nb_bench_'))
     rows = []
+    a.tls = make_cert(tmp) if a.tls else None
     try:
         for latency in a.latency:
-            with Server(latency) as server:
+            with Server(latency, a.tls) as server:
                 dump = make_demo_dump(tmp/f'dump-{latency}', server, n=a.rows, fail_share=a.fail_share, shard_rows=10_000,
                                       failures=failures, size=size)
                 if a.profile: profile(dump, tmp/'prof', a); continue
