@@ -142,7 +142,7 @@ def profile(dump, out, a):
     cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
            '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries), '--processes', '1',
            '--threads', str(a.threads), '--per-host', str(a.threads)]
-    raw = out.parent/'profile.txt'
+    raw = out.parent/f'{out.name}.txt'
     subprocess.run([spy, 'record', *(['--gil'] if not a.native else ['--native']), '-r', '200', '-f', 'raw', '-o', str(raw), '--', *cmd], check=True, env=tls_env(a),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     own, total, n = {}, {}, 0
@@ -160,7 +160,7 @@ def profile(dump, out, a):
 
 def perf(dump, out, a):
     "Sample every CPU of a laion_nb run (both processes, C libraries and kernel included) with Linux perf; print the shares."
-    data = out.parent/'perf.data'
+    data = out.parent/f'{out.name}.perf.data'
     cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
            '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries),
            '--processes', str(a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
@@ -185,6 +185,7 @@ def main():
     p.add_argument('--peer', default=os.environ.get('IMG2DATASET', str(Path.home()/'i2d-venv/bin/img2dataset')),
                    help='the img2dataset executable, in its own virtualenv')
     p.add_argument('--no-peer', action='store_true')
+    p.add_argument('--work-dir', default=None, help='where the dumps and outputs go (default: the system temp dir; /dev/shm takes the disk out)')
     p.add_argument('--tls', action='store_true', help='serve HTTPS (a self-signed certificate both tools are told to trust)')
     p.add_argument('--repeat', type=int, default=1, help='runs of each tool per latency, alternating')
     p.add_argument('--profile', action='store_true', help='profile laion_nb (one process) with py-spy instead')
@@ -194,7 +195,7 @@ def main():
     from laion_nb.demo import BENCH_FAILURES, make_demo_dump
     failures = BENCH_FAILURES + (['stall/{i}'] if a.stalls else [])
     size = tuple(int(v) for v in a.size.split('x')) if a.size else None
-    tmp = Path(tempfile.mkdtemp(prefix='laion_nb_bench_'))
+    tmp = Path(tempfile.mkdtemp(prefix='laion_nb_bench_', dir=a.work_dir))
     rows = []
     a.tls = make_cert(tmp) if a.tls else None
     try:
@@ -202,8 +203,8 @@ def main():
             with Server(latency, a.tls) as server:
                 dump = make_demo_dump(tmp/f'dump-{latency}', server, n=a.rows, fail_share=a.fail_share, shard_rows=10_000,
                                       failures=failures, size=size)
-                if a.profile: profile(dump, tmp/'prof', a); continue
-                if a.perf: perf(dump, tmp/'perf', a); continue
+                if a.profile: profile(dump, tmp/f'prof-{latency}', a); continue
+                if a.perf: perf(dump, tmp/f'perf-{latency}', a); continue
                 tools = [('laion_nb', run_ours)] + ([] if a.no_peer or not Path(a.peer).exists() else [('img2dataset', run_peer)])
                 for k, (name, run) in enumerate(tools * a.repeat):
                     out = tmp/f'out-{name}-{latency}-{k}'
