@@ -116,11 +116,15 @@ def make_cert(folder):
     return cert, key
 
 
+def ours(dump, out, a, processes=None):
+    "The laion_nb command of a run."
+    return [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
+            '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries),
+            '--processes', str(processes or a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
+
+
 def run_ours(dump, out, a):
-    cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
-           '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries),
-           '--processes', str(a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
-    wall, cpu, rss = measure(cmd, tls_env(a))
+    wall, cpu, rss = measure(ours(dump, out, a), tls_env(a))
     check_saved(out/'images')
     return wall, cpu, rss, count_jpegs(out/'images')
 
@@ -139,9 +143,7 @@ def profile(dump, out, a):
     """Sample laion_nb (one process) with py-spy and print the functions that take the most time: the GIL holder's, or with
     --native every thread's (waits included: py-spy cannot tell them apart here)."""
     spy = shutil.which('py-spy') or str(Path(sys.executable).parent/'py-spy')
-    cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
-           '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries), '--processes', '1',
-           '--threads', str(a.threads), '--per-host', str(a.threads)]
+    cmd = ours(dump, out, a, processes=1)
     raw = out.parent/f'{out.name}.txt'
     subprocess.run([spy, 'record', *(['--gil'] if not a.native else ['--native']), '-r', '200', '-f', 'raw', '-o', str(raw), '--', *cmd], check=True, env=tls_env(a),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,10 +163,7 @@ def profile(dump, out, a):
 def perf(dump, out, a):
     "Sample every CPU of a laion_nb run (both processes, C libraries and kernel included) with Linux perf; print the shares."
     data = out.parent/f'{out.name}.perf.data'
-    cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
-           '--allow-private-networks', '--timeout', str(a.timeout), '--retry', str(a.retries),
-           '--processes', str(a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
-    subprocess.run(['perf', 'record', '-F', '499', '-o', str(data), '--', *cmd], check=True, env=tls_env(a),
+    subprocess.run(['perf', 'record', '-F', '499', '-o', str(data), '--', *ours(dump, out, a)], check=True, env=tls_env(a),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for key, n in (('dso', 8), ('dso,sym', 15)):
         rep = subprocess.run(['perf', 'report', '-i', str(data), '--no-children', '--sort', key], capture_output=True, text=True).stdout
