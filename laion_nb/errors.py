@@ -24,8 +24,9 @@ ERROR_TYPES = (
     'corrupt',             # an image that does not decode (truncated, damaged)
     'too_small',           # under the minimum size (64x64 by default)
     'too_large',           # over the maximum size (10000x10000 by default) or too many pixels
+    'internal',            # a bug in laion_nb, not the web's doing: never a data error, tried again next run
 )
-TRANSIENT_TYPES = frozenset({'connect', 'timeout', 'reset'})  # worth another try
+TRANSIENT_TYPES = frozenset({'connect', 'timeout', 'reset', 'internal'})  # worth another try
 
 def is_transient(error_type:str, status:int|None=None) -> bool:
     "Whether a failure of this type (and HTTP status) may pass if tried again."

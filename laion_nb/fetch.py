@@ -20,8 +20,8 @@ import laion_nb
 from .errors import SampleError
 
 # %% auto #0
-__all__ = ['USER_AGENT', 'OPT_OUT_TAGS', 'FetchConfig', 'split_url', 'resolve', 'check_host', 'check_address', 'pool_manager',
-           'opted_out', 'Fetched', 'Fetcher', 'backoff_delay']
+__all__ = ['USER_AGENT', 'OPT_OUT_TAGS', 'FetchConfig', 'public_address', 'split_url', 'resolve', 'check_host', 'check_address',
+           'pool_manager', 'opted_out', 'Fetched', 'Fetcher', 'backoff_delay']
 
 # %% ../nbs/01_fetch.ipynb #d5ee40b7
 USER_AGENT = f'laion_nb/{laion_nb.__version__} (+https://github.com/laion-nb/laion_nb; image-text dataset downloader)'
@@ -47,9 +47,21 @@ class FetchConfig:
         if self.max_bytes <= 0: raise ValueError(f'max_bytes must be > 0, got {self.max_bytes}')
 
 # %% ../nbs/01_fetch.ipynb #121b2ffe
-def _public(ip:str) -> bool:
+_NAT64 = ipaddress.ip_network('64:ff9b::/96')
+
+def _embedded_ipv4(a:ipaddress.IPv6Address) -> ipaddress.IPv4Address|None:
+    "The IPv4 address an IPv6 address carries: mapped, compatible, NAT64, 6to4 or Teredo; else None."
+    if a.ipv4_mapped: return a.ipv4_mapped
+    if a.sixtofour: return a.sixtofour
+    if a.teredo: return a.teredo[1]
+    n = int(a)
+    if a in _NAT64 or n >> 32 == 0: return ipaddress.IPv4Address(n & 0xFFFFFFFF)  # 64:ff9b::a.b.c.d, ::a.b.c.d
+    return None
+
+def public_address(ip:str) -> bool:
+    "Whether `ip` is on the public internet: global, not multicast, and so is any IPv4 address it embeds."
     a = ipaddress.ip_address(ip.split('%')[0])
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped: a = a.ipv4_mapped
+    if isinstance(a, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(a)) is not None: a = v4
     return a.is_global and not a.is_multicast
 
 def split_url(url:str) -> tuple[str, str, int]:
@@ -87,7 +99,7 @@ def resolve(host:str, port:int=80, timeout:float=10.0) -> list[str]:
 def check_host(host:str, port:int, allow_private:bool=False, timeout:float=10.0) -> str:
     "The address to connect to for `host`; refused unless `allow_private` or every address of the host is public."
     ips = resolve(host, port, timeout)
-    bad = [ip for ip in ips if not _public(ip)]
+    bad = [ip for ip in ips if not public_address(ip)]
     if bad and not allow_private:
         raise SampleError('blocked_address', f'{host} resolves to non-public address {bad[0]} (allow with --allow-private-networks)')
     return ips[0]
