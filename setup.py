@@ -35,7 +35,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires=f'>={min_python}',
     install_requires=words('requirements'),
-    extras_require={'dev': words('dev_requirements'), 'dask': words('dask_requirements')},
+    extras_require={k[:-len('_requirements')]: words(k) for k in cfg if k.endswith('_requirements') and k != 'requirements'},
     entry_points={'console_scripts': words('console_scripts'),
                   'nbdev': [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d']},
     zip_safe=False,
