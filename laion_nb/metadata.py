@@ -84,10 +84,12 @@ def find_shards(path:str|Path) -> Shards:
     skipped = [(p, why) for p in files if (why := _not_a_shard(p))]
     shards = sorted((p for p in files if not _not_a_shard(p)), key=_shard_key)
     if not shards:
-        seen = f' (only {", ".join(p.name for p, _ in skipped[:3])}{", ..." if len(skipped) > 3 else ""})' if skipped else ''
+        seen = f' (it holds {", ".join(p.name for p, _ in skipped[:3])}{", ..." if len(skipped) > 3 else ""})' if skipped else ''
         where = '' if is_meta_dir(folder) else ', and no metadata folder (metadate/, metadata/ or <name>-metadata/) in it'
+        try: up = f' ({folder.parent} is one)' if _meta_dir(folder.parent) not in (None, folder) else ''
+        except (DumpError, OSError): up = ''
         raise DumpError(f'{folder}: no .parquet metadata shards in this directory{seen}{where}; '
-                        f'point Dump at the dump root, its metadata folder, or a .parquet shard')
+                        f'point Dump at the dump root{up}, its metadata folder, or a .parquet shard')
     return Shards(root, shards, skipped)
 
 # %% ../nbs/00_metadata.ipynb #3e455e43
