@@ -244,10 +244,12 @@ def embedding_dir(self:Dump, kind:str='img') -> Path:
 
 def embedding_files(self:Dump, kind:str='img') -> list[Path]:
     "The `{kind}_emb_N.npy` file of every metadata shard, by shard number (a missing one under its expected name)."
-    folder, files = self.embedding_dir(kind), []
+    folder, files, seen = self.embedding_dir(kind), [], {}
     for shard in self.shards:
         d = shard_digits(shard)
         if d is None: raise DumpError(f'{shard}: no shard number in the file name to find its {kind} embeddings by')
+        if (other := seen.setdefault(int(d), shard)) != shard:
+            raise DumpError(f'{shard}: same shard number as {other.name}, so their {kind} embeddings cannot be told apart')
         files.append(_npy_for(folder, kind, d) or folder/f'{kind}_emb_{d}.npy')
     return files
 
