@@ -17,33 +17,80 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # %% auto #0
-__all__ = ['META_DIRS', 'URL_COLUMNS', 'CAPTION_COLUMNS', 'EMBEDDING_KINDS', 'DumpError', 'find_shards', 'pick_column', 'Row',
-           'Dump', 'batches', 'rows', 'embedding_files', 'embeddings', 'check_embeddings', 'embedding_rows',
-           'top_domains', 'summary']
+__all__ = ['META_DIRS', 'META_SUFFIXES', 'URL_COLUMNS', 'CAPTION_COLUMNS', 'EMBEDDING_KINDS', 'EMBEDDING_DIRS', 'DumpError',
+           'shard_digits', 'is_meta_dir', 'Shards', 'find_shards', 'pick_column', 'Row', 'Dump', 'batches', 'rows',
+           'embedding_dir', 'embedding_files', 'embeddings', 'check_embeddings', 'embedding_rows', 'top_domains',
+           'summary']
 
-# %% ../nbs/00_metadata.ipynb #b5af5154
+# %% ../nbs/00_metadata.ipynb #2d1f6a0b
 class DumpError(ValueError):
     "A dump that cannot be read as it is; the message names the path and what is wrong."
 
-META_DIRS = ('metadate', 'metadata')  # the guide spells it 'metadate'; both are accepted
+_SUFFIXES = r'(?:\.(?:snappy|gz|gzip|zstd|zst|lz4|brotli))?\.(?:parquet|npy)$'
+
+def shard_digits(path:str|Path) -> str|None:
+    "The shard number in a file name as written (`'0003'`): Spark's `part-N`, else the last number; None without one."
+    stem = re.sub(_SUFFIXES, '', Path(path).name)
+    m = re.search(r'\bpart-(\d+)', stem) or re.search(r'(\d+)\D*$', stem)
+    return m.group(1) if m else None
 
 def _shard_key(path:Path):
-    "Sort key: the last number in the file name, then the name."
-    nums = re.findall(r'\d+', path.stem)
-    return (int(nums[-1]) if nums else -1, path.name)
+    "Sort key: the shard number as a number (2 before 10), then the name."
+    d = shard_digits(path)
+    return (int(d) if d is not None else -1, path.name)
 
-def find_shards(path:str|Path) -> tuple[Path|None, list[Path]]:
-    "The dump root (None when there is none) and the metadata shards at `path`, in shard order."
+# %% ../nbs/00_metadata.ipynb #b5af5154
+META_DIRS = ('metadate', 'metadata')        # the guide spells it 'metadate'; both are accepted
+META_SUFFIXES = ('-metadata', '_metadata')  # the-eye's LAION-5B: laion2B-en/laion2B-en-metadata/
+
+def is_meta_dir(path:str|Path) -> bool:
+    "Is `path` named as the metadata folder of a dump (so that its parent is the dump root)?"
+    name = Path(path).name
+    return name in META_DIRS or name.endswith(META_SUFFIXES)
+
+def _not_a_shard(path:Path) -> str|None:
+    "Why the file `path` of a metadata folder is not a shard, or None when it is one."
+    n = path.name
+    if n.startswith('._'): return 'macOS resource file'
+    if n.endswith('.crc'): return 'checksum file'
+    if n.startswith('_'): return 'Spark/Hadoop marker file'
+    if n.startswith('.'): return 'hidden file'
+    if not n.endswith('.parquet'): return 'not a .parquet file'
+
+class Shards(NamedTuple):
+    "Where a dump's metadata is."
+    root: Path|None                  # the dump root, holding the embeddings; None for a loose folder of shards
+    shards: list[Path]               # the metadata shards, in shard order
+    skipped: list[tuple[Path, str]]  # files beside the shards that are not shards, and why
+
+def _meta_dir(path:Path) -> Path|None:
+    "The metadata folder in the dump root `path`, if it has one."
+    for d in META_DIRS:
+        if (path/d).is_dir(): return path/d
+    found = sorted(p for p in path.iterdir() if p.name.endswith(META_SUFFIXES) and p.is_dir())
+    if len(found) > 1: raise DumpError(f'{path}: {len(found)} metadata folders ({", ".join(p.name for p in found)}); point Dump at one')
+    return found[0] if found else None
+
+# %% ../nbs/00_metadata.ipynb #6f5d9e12
+def find_shards(path:str|Path) -> Shards:
+    "The dump root, the metadata shards at `path` in shard order, and the other files beside them."
     path = Path(path)
     if not path.exists(): raise DumpError(f'{path}: no such file or directory')
-    if path.is_file():
-        return (path.parent.parent if path.parent.name in META_DIRS else None), [path]
-    meta = next((path/d for d in META_DIRS if (path/d).is_dir()), None)
-    root = path if meta else (path.parent if path.name in META_DIRS else None)
+    if path.is_file(): return Shards(path.parent.parent if is_meta_dir(path.parent) else None, [path], [])
+    meta = None if is_meta_dir(path) else _meta_dir(path)
+    root = path if meta else (path.parent if is_meta_dir(path) else None)
     folder = meta or path
-    shards = sorted(folder.glob('*.parquet'), key=_shard_key)
-    if not shards: raise DumpError(f'{folder}: no .parquet metadata shards in this directory')
-    return root, shards
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    skipped = [(p, why) for p in files if (why := _not_a_shard(p))]
+    shards = sorted((p for p in files if not _not_a_shard(p)), key=_shard_key)
+    if not shards:
+        seen = f' (it holds {", ".join(p.name for p, _ in skipped[:3])}{", ..." if len(skipped) > 3 else ""})' if skipped else ''
+        where = '' if is_meta_dir(folder) else ', and no metadata folder (metadate/, metadata/ or <name>-metadata/) in it'
+        try: up = f' ({folder.parent} is one)' if _meta_dir(folder.parent) not in (None, folder) else ''
+        except (DumpError, OSError): up = ''
+        raise DumpError(f'{folder}: no .parquet metadata shards in this directory{seen}{where}; '
+                        f'point Dump at the dump root{up}, its metadata folder, or a .parquet shard')
+    return Shards(root, shards, skipped)
 
 # %% ../nbs/00_metadata.ipynb #3e455e43
 URL_COLUMNS = ('url', 'URL', 'image_url', 'link')
@@ -63,17 +110,17 @@ def pick_column(names:list[str], wanted:str|None, candidates:tuple, what:str, wh
 class Row(NamedTuple):
     "One row of a dump, with the normalised names."
     index: int
-    url: str|None
-    caption: str|None
+    url: str|None      # None for null; a column that is not text gives its values as stored (int, bytes, list)
+    caption: str|None  # likewise
 
 class Dump:
     "A LAION-style embedding dump: metadata shards in order, each row with its global `index`."
     def __init__(self,
-                 path:str|Path,        # dump root, a folder of parquet shards, or one parquet file
+                 path:str|Path,        # dump root, its metadata folder, a folder of parquet shards, or one parquet file
                  url_col:str|None=None,     # URL column; found among `URL_COLUMNS` when None
                  caption_col:str|None=None, # caption column; found among `CAPTION_COLUMNS` when None
                 ):
-        self.root, self.shards = find_shards(path)
+        self.root, self.shards, self.skipped = find_shards(path)
         self._files = []
         for shard in self.shards:
             try: self._files.append(pq.ParquetFile(shard))
@@ -92,7 +139,8 @@ class Dump:
 
     def __len__(self): return int(self.offsets[-1])
     def __repr__(self):
-        return (f'Dump({str(self.root or self.shards[0].parent)!r}: {len(self):,} rows in {len(self.shards)} shard(s), '
+        skipped = f', {len(self.skipped)} other file(s) skipped' if self.skipped else ''
+        return (f'Dump({str(self.root or self.shards[0].parent)!r}: {len(self):,} rows in {len(self.shards)} shard(s){skipped}, '
                 f'url={self.url_col!r}, caption={self.caption_col!r})')
 
 # %% ../nbs/00_metadata.ipynb #4cbc36c8
@@ -147,6 +195,12 @@ def _arrow_batches(self, columns=('index', 'url', 'caption'), start=0, limit=Non
                         else batch.column(raw[c])) for c in columns}
             yield pa.table(cols)
 
+_FLAT = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())  # to_numpy gives None for their nulls
+
+def _py_values(col:pa.ChunkedArray) -> pd.Series:
+    "`col` as Python values in an object column, None for null."
+    return pd.Series(col.to_numpy(zero_copy_only=False) if col.type in _FLAT else col.to_pylist(), dtype=object)
+
 def batches(self:Dump,
             columns=('index', 'url', 'caption'), # normalised names (`index`, `url`, `caption`) or the dump's own
             start:int=0,               # global index of the first row
@@ -154,7 +208,9 @@ def batches(self:Dump,
             batch_size:int=65536,      # rows per batch at most
            ) -> Iterator[pd.DataFrame]:
     "Stream the rows `start` to `start+limit` as pandas frames, reading only `columns`."
-    for table in _arrow_batches(self, columns, start, limit, batch_size): yield table.to_pandas()
+    for t in _arrow_batches(self, columns, start, limit, batch_size):
+        yield pd.DataFrame({c: _py_values(t.column(c)) if c in ('url', 'caption') else t.column(c).to_pandas()
+                            for c in t.column_names})
 
 def rows(self:Dump, start:int=0, limit:int|None=None, batch_size:int=65536) -> Iterator[Row]:
     "Stream `Row(index, url, caption)` tuples, a batch at a time underneath."
@@ -165,21 +221,44 @@ Dump._arrow_batches, Dump.batches, Dump.rows = _arrow_batches, batches, rows
 
 # %% ../nbs/00_metadata.ipynb #a83e58e6
 EMBEDDING_KINDS = ('img', 'text')
+EMBEDDING_DIRS = {'img': ('img_emb', 'images'), 'text': ('text_emb', 'texts')}  # LAION-400M: images/, texts/
+
+def _npy_for(folder:Path, kind:str, digits:str) -> Path|None:
+    "The `{kind}_emb_N.npy` in `folder` for shard number `digits`, however N is padded; None without one."
+    n = str(int(digits))
+    for d in dict.fromkeys([digits, n] + [n.zfill(w) for w in range(2, 9)]):
+        if (p := folder/f'{kind}_emb_{d}.npy').is_file(): return p
+
+def embedding_dir(self:Dump, kind:str='img') -> Path:
+    "The folder of the `kind` embeddings: `{kind}_emb/`, or `images/` / `texts/` when it holds `{kind}_emb_N.npy` shards."
+    if kind not in EMBEDDING_KINDS: raise ValueError(f'kind must be one of {EMBEDDING_KINDS}, got {kind!r}')
+    if self.root is None:
+        raise DumpError(f'{self.shards[0].parent}: not inside a dump root, so there are no {kind} embeddings to find; point Dump '
+                        f'at the dump root (the folder holding {kind}_emb/ and the metadata folder). Metadata-only releases have none')
+    main, alt = (self.root/d for d in EMBEDDING_DIRS[kind])
+    if main.is_dir(): return main
+    d = shard_digits(self.shards[0])
+    if alt.is_dir() and ((d and _npy_for(alt, kind, d)) or next(alt.glob(f'{kind}_emb_*.npy'), None)): return alt
+    raise DumpError(f'{self.root}: no {kind} embeddings (looked for {main.name}/{kind}_emb_N.npy and {alt.name}/{kind}_emb_N.npy); '
+                    f'metadata-only releases have none')
 
 def embedding_files(self:Dump, kind:str='img') -> list[Path]:
-    "The `{kind}_emb_N.npy` file of every metadata shard, numbered as the shards are."
-    if kind not in EMBEDDING_KINDS: raise ValueError(f'kind must be one of {EMBEDDING_KINDS}, got {kind!r}')
-    if self.root is None: raise DumpError(f'{self.shards[0].parent}: not inside a dump root, so there are no {kind}_emb/ files to find')
-    files = []
+    "The `{kind}_emb_N.npy` file of every metadata shard, by shard number (a missing one under its expected name)."
+    folder, files, seen = self.embedding_dir(kind), [], {}
     for shard in self.shards:
-        num = re.findall(r'\d+', shard.stem)
-        if not num: raise DumpError(f'{shard}: no shard number in the file name to find its {kind}_emb file by')
-        files.append(self.root/f'{kind}_emb'/f'{kind}_emb_{num[-1]}.npy')
+        d = shard_digits(shard)
+        if d is None: raise DumpError(f'{shard}: no shard number in the file name to find its {kind} embeddings by')
+        if (other := seen.setdefault(int(d), shard)) != shard:
+            raise DumpError(f'{shard}: same shard number as {other.name}, so their {kind} embeddings cannot be told apart')
+        files.append(_npy_for(folder, kind, d) or folder/f'{kind}_emb_{d}.npy')
     return files
 
-def embeddings(self:Dump, kind:str='img') -> list[np.ndarray]:
-    "The `kind` embeddings of every shard, memory-mapped, after checking each lines up with its metadata."
-    arrays = []
+Dump.embedding_dir, Dump.embedding_files = embedding_dir, embedding_files
+
+# %% ../nbs/00_metadata.ipynb #8b2e6d41
+def _embeddings(self:Dump, kind:str) -> list[tuple[Path, np.ndarray]]:
+    "Every shard's `kind` embedding file and its array, memory-mapped, each checked to line up with its metadata."
+    out = []
     for shard, path, n in zip(self.shards, self.embedding_files(kind), self.shard_rows):
         if not path.exists(): raise DumpError(f'{path}: missing; it should hold the {kind} embeddings of {shard.name}')
         try: arr = np.load(path, mmap_mode='r')
@@ -187,50 +266,80 @@ def embeddings(self:Dump, kind:str='img') -> list[np.ndarray]:
         if arr.ndim != 2 or arr.shape[0] != n:
             raise DumpError(f'{path}: {arr.shape[0] if arr.ndim else 0} rows of {kind} embeddings but {shard.name} has {n} rows '
                             f'(shape {arr.shape}); they must line up')
-        arrays.append(arr)
-    return arrays
+        out.append((path, arr))
+    return out
+
+def _one_dim(pairs, kind):
+    "Raise `DumpError` naming the first shard whose dimension is not the first shard's."
+    (p0, a0) = pairs[0]
+    for p, a in pairs[1:]:
+        if a.shape[1] != a0.shape[1]:
+            raise DumpError(f'{p}: {a.shape[1]}-d {kind} embeddings, but {p0.name} has {a0.shape[1]}-d ones; '
+                            f'all shards of a dump must have one dimension (embeddings of two models?)')
+
+def embeddings(self:Dump, kind:str='img') -> list[np.ndarray]:
+    "The `kind` embeddings of every shard, memory-mapped, after checking each lines up with its metadata."
+    return [a for _, a in _embeddings(self, kind)]
 
 def check_embeddings(self:Dump) -> pd.DataFrame:
-    "One row per shard: its rows and the dtype and dimension of its embeddings; raises `DumpError` on a mismatch."
+    "One row per shard: its rows and the dtype and dimension of its embeddings; raises `DumpError` when they do not line up."
     table = {'shard': [s.name for s in self.shards], 'rows': self.shard_rows}
     for kind in EMBEDDING_KINDS:
-        arrs = self.embeddings(kind)
-        table[f'{kind}_dtype'] = [str(a.dtype) for a in arrs]
-        table[f'{kind}_dim'] = [a.shape[1] for a in arrs]
+        pairs = _embeddings(self, kind); _one_dim(pairs, kind)
+        table[f'{kind}_dtype'] = [str(a.dtype) for _, a in pairs]
+        table[f'{kind}_dim'] = [a.shape[1] for _, a in pairs]
     return pd.DataFrame(table)
 
+# %% ../nbs/00_metadata.ipynb #2a7c4f88
 def embedding_rows(self:Dump, indices, kind:str='img') -> np.ndarray:
     "The `kind` embeddings of the rows at the global `indices`, in that order."
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
         raise IndexError(f'indices must lie in [0, {len(self)}); got {idx.min()}..{idx.max()}')
-    arrays = self.embeddings(kind)
+    pairs = _embeddings(self, kind); _one_dim(pairs, kind)
+    arrays = [a for _, a in pairs]
     shard = np.searchsorted(self.offsets, idx, side='right') - 1
-    out = np.empty((idx.size, arrays[0].shape[1]), dtype=arrays[0].dtype)
+    out = np.empty((idx.size, arrays[0].shape[1]), dtype=np.result_type(*(a.dtype for a in arrays)))
     for k in np.unique(shard):
         sel = shard == k
         out[sel] = arrays[k][idx[sel] - self.offsets[k]]
     return out
 
-Dump.embedding_files, Dump.embeddings, Dump.check_embeddings, Dump.embedding_rows = embedding_files, embeddings, check_embeddings, embedding_rows
+Dump.embeddings, Dump.check_embeddings, Dump.embedding_rows = embeddings, check_embeddings, embedding_rows
 
 # %% ../nbs/00_metadata.ipynb #762dff6f
 _HOST = r'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/:?#]*)'
+_TEXT = (pa.string(), pa.large_string(), pa.null()) + ((pa.string_view(),) if hasattr(pa, 'string_view') else ())
+
+def _text(col:pa.ChunkedArray) -> pa.ChunkedArray|None:
+    "`col` as strings when it holds text (or only nulls); None when it holds ints, bytes, lists..."
+    t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    return col.cast(pa.string()) if t in _TEXT else None
 
 def _scan(self:Dump, limit=None):
-    "One streamed pass: domain counts, caption lengths, and missing/empty counts."
+    "One streamed pass: domain counts, caption lengths, and missing/empty/non-text counts."
     domains, lengths = Counter(), []
-    counts = dict.fromkeys(['missing_url', 'empty_url', 'missing_caption', 'empty_caption'], 0)
+    counts = dict.fromkeys(['missing urls', 'empty urls', 'missing captions', 'empty captions',
+                            'non-text urls', 'non-text captions'], 0)
     for t in self._arrow_batches(('url', 'caption'), limit=limit):
-        url, cap = t.column('url').cast(pa.string()), t.column('caption').cast(pa.string())
-        counts['missing_url'] += url.null_count; counts['missing_caption'] += cap.null_count
-        counts['empty_url'] += pc.sum(pc.equal(pc.utf8_trim_whitespace(url), '')).as_py() or 0
-        counts['empty_caption'] += pc.sum(pc.equal(pc.utf8_trim_whitespace(cap), '')).as_py() or 0
-        host = pc.utf8_lower(pc.struct_field(pc.extract_regex(url, _HOST), 'host'))
-        vc = pc.value_counts(host.drop_null())
-        domains.update(dict(zip(vc.field('values').to_pylist(), vc.field('counts').to_pylist())))
-        lengths.append(pc.utf8_length(cap.drop_null()).to_numpy(zero_copy_only=False))
+        for what in ('url', 'caption'):
+            col = t.column(what); txt = _text(col)
+            counts[f'missing {what}s'] += col.null_count
+            if txt is None: counts[f'non-text {what}s'] += len(col) - col.null_count; continue
+            counts[f'empty {what}s'] += pc.sum(pc.equal(pc.utf8_trim_whitespace(txt), '')).as_py() or 0
+            if what == 'caption': lengths.append(pc.utf8_length(txt.drop_null()).to_numpy(zero_copy_only=False)); continue
+            vc = pc.value_counts(pc.utf8_lower(pc.struct_field(pc.extract_regex(txt, _HOST), 'host')).drop_null())
+            domains.update(dict(zip(vc.field('values').to_pylist(), vc.field('counts').to_pylist())))
     return domains, np.concatenate(lengths) if lengths else np.array([]), counts
+
+# %% ../nbs/00_metadata.ipynb #1f8d0b36
+def _describe(pairs) -> str:
+    "'768-d float16', or each dimension and dtype with the shards that have it when they differ."
+    groups = {}
+    for p, a in pairs: groups.setdefault(f'{a.shape[1]}-d {a.dtype}', []).append(p.name)
+    if len(groups) == 1: return next(iter(groups))
+    return 'mixed: ' + '; '.join(f'{k} in {len(v)} shard(s) ({", ".join(v[:2])}{", ..." if len(v) > 2 else ""})'
+                                 for k, v in groups.items())
 
 def top_domains(self:Dump, n:int=20, limit:int|None=None) -> pd.DataFrame:
     "The `n` hosts with the most URLs (over the first `limit` rows), with their count and share."
@@ -245,17 +354,18 @@ def summary(self:Dump, limit:int|None=None) -> pd.DataFrame:
     domains, lengths, counts = _scan(self, limit)
     rows = {'rows': len(self) if limit is None else min(limit, len(self)), 'shards': len(self.shards),
             'url column': self.url_col, 'caption column': self.caption_col}
+    if self.skipped:
+        rows['skipped files'] = f'{len(self.skipped)}: ' + ', '.join(f'{p.name} ({why})' for p, why in self.skipped[:4]) + \
+                                (', ...' if len(self.skipped) > 4 else '')
     for kind in EMBEDDING_KINDS:
-        try:
-            arrs = self.embeddings(kind)
-            rows[f'{kind} embeddings'] = f'{arrs[0].shape[1]}-d {arrs[0].dtype}'
+        try: rows[f'{kind} embeddings'] = _describe(_embeddings(self, kind))
         except DumpError as e: rows[f'{kind} embeddings'] = f'not usable: {e}'
     rows['distinct domains'] = len(domains)
     rows['top domains'] = ', '.join(f'{d} ({c})' for d, c in domains.most_common(5))
     if lengths.size:
         rows.update({'caption length min': int(lengths.min()), 'caption length median': float(np.median(lengths)),
                      'caption length mean': round(float(lengths.mean()), 1), 'caption length max': int(lengths.max())})
-    rows.update({k.replace('_', ' ') + 's': v for k, v in counts.items()})
+    rows.update({k: v for k, v in counts.items() if v or not k.startswith('non-text')})
     return pd.DataFrame({'value': list(rows.values())}, index=pd.Index(list(rows), name='dump'))
 
 Dump.top_domains, Dump.summary = top_domains, summary
