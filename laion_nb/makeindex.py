@@ -164,9 +164,10 @@ _NUMERIC_HOST = re.compile(r'[0-9a-fx.]+')  # hosts the C library reads as IPv4 
 
 def _host_ip(host:str) -> str|None:
     "The IP address a host from `split_url` is written as, or None when it is a name."
-    try: return str(ipaddress.ip_address(host.split('%')[0]))
-    except ValueError: pass
-    if _NUMERIC_HOST.fullmatch(host):
+    if ':' in host:  # IPv6, maybe with a zone: fe80::1%eth0
+        try: return str(ipaddress.ip_address(host.split('%')[0]))
+        except ValueError: return None
+    if _NUMERIC_HOST.fullmatch(host):  # IPv4 as the C library reads it (010.0.0.1 is octal: 8.0.0.1)
         try: return socket.inet_ntoa(socket.inet_aton(host))
         except OSError: pass
     return None
