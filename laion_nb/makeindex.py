@@ -181,8 +181,8 @@ def url_refusal(url:str,                   # an image URL
     if allow_private: return None
     if host == 'localhost' or host.endswith('.localhost'): return 'blocked_address', f'{host} names this machine'
     ip = _host_ip(host)
-    if ip is not None and not public_address(ip): return 'blocked_address', f'{host} is the non-public address {ip}'
-    return None
+    if ip is None or public_address(ip): return None
+    return 'blocked_address', f'{host} is not a public address' + (f' (it is {ip})' if ip != host else '')
 
 # %% ../nbs/04_makeindex.ipynb #c11eb05f
 _AUTHORITY = re.compile(r'[^/\\?#]*(?://[^/\\?#]*)?')  # a URL up to the end of its authority, as urllib3 splits it
@@ -203,7 +203,9 @@ class UrlGuard:
 # %% ../nbs/04_makeindex.ipynb #25ee1b07
 REFUSED_TYPES = frozenset({'invalid_url', 'blocked_address'})  # what the downloader refuses to fetch: never written as image_url
 
-def failure_reason(error_type:str, status=None) -> str:
+def failure_reason(error_type:str,  # one of `errors.ERROR_TYPES`
+                   status:int|None=None,  # the HTTP status, if any
+                  ) -> str:
     "How a failure is counted in the report: its error type, or `http <status>` for an HTTP status."
     return f'http {int(status)}' if error_type == 'http_status' and status is not None and status == status else error_type
 
@@ -221,7 +223,10 @@ class Failures:
         pos = np.minimum(np.searchsorted(self.index, indices), len(self.index) - 1)
         return np.where(self.index[pos] == indices, pos, -1)
 
-def find_failures(download_dir:str|Path, skip_bad_lines:bool=False, saved=None) -> Failures:
+def find_failures(download_dir:str|Path,      # the download's output dir
+                  skip_bad_lines:bool=False,  # skip corrupt lines of download_errors.jsonl instead of raising
+                  saved=None,                 # `records.read_saved(download_dir)`, if already read
+                 ) -> Failures:
     "The failed rows of `download_dir` (`records.read_failed`), each with its reason and whether it may pass."
     failed = _quietly(read_failed, download_dir, skip_bad_lines=skip_bad_lines, saved=saved)
     types, statuses = failed['error_type'].tolist(), failed['status'].tolist()
