@@ -4,7 +4,8 @@
 
 # %% ../nbs/04_makeindex.ipynb #56ffdad1
 from __future__ import annotations
-import argparse, csv, os, sys, warnings, wave
+import argparse, csv, ipaddress, json, os, re, socket, sys, warnings, wave
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -13,13 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from .metadata import Dump, DumpError
-from .records import BadRecordError, SAVED_FILE, read_saved
+from .errors import SampleError, is_transient
+from .fetch import public_address, split_url
+from .records import BadRecordError, FAILED_LOG, SAVED_FILE, read_failed, read_saved
 
 # %% auto #0
-__all__ = ['LAION_DIR', 'ESC50_DIRS', 'DEFAULT_TEMPLATE', 'ESC50_CSV', 'ESC50_COLUMNS', 'MakeIndexError', 'IndexConfig',
-           'jsonl_line', 'atomic_writer', 'val_mask', 'LocalImages', 'find_local_images', 'LaionReport', 'index_laion',
-           'Clip', 'find_esc50', 'read_esc50_csv', 'wav_problem', 'Esc50Report', 'esc50_text', 'index_esc50',
-           'MakeIndexReport', 'makeindex', 'main']
+__all__ = ['LAION_DIR', 'ESC50_DIRS', 'DEFAULT_TEMPLATE', 'REFUSED_TYPES', 'INDEX_COLUMNS', 'ESC50_INDEX_COLUMNS', 'ESC50_CSV',
+           'ESC50_COLUMNS', 'MakeIndexError', 'IndexConfig', 'jsonl_line', 'atomic_writer', 'val_mask', 'LocalImages',
+           'find_local_images', 'url_refusal', 'UrlGuard', 'failure_reason', 'Failures', 'find_failures', 'LaionReport',
+           'index_laion', 'index_features', 'load_index', 'Clip', 'find_esc50', 'read_esc50_csv', 'wav_problem',
+           'Esc50Report', 'esc50_text', 'index_esc50', 'MakeIndexReport', 'makeindex', 'main']
 
 # %% ../nbs/04_makeindex.ipynb #a0f01492
 class MakeIndexError(ValueError):
@@ -44,8 +48,10 @@ class IndexConfig:
     val_ratio: float = 0.0               # LAION: share of rows for laion_val.jsonl, picked by a hash of the index
     esc50_val_fold: int = 5              # ESC-50: this fold goes to esc50_val.jsonl, the other folds to esc50_train.jsonl
     esc10: bool = False                  # ESC-50: only the ESC-10 subset (10 classes)
-    skip_bad_lines: bool = False         # LAION: skip corrupt lines of image_paths.jsonl instead of stopping
+    skip_bad_lines: bool = False         # LAION: skip corrupt lines of image_paths.jsonl and download_errors.jsonl instead of stopping
     text_template: str = DEFAULT_TEMPLATE  # ESC-50: the text of a clip
+    keep_failed: bool = False            # LAION: keep rows whose download failed for good (404, not an image...) as image_url
+    allow_private_networks: bool = False # LAION: let image_url of private, loopback and link-local addresses through
 
     def __post_init__(self):
         if not (self.laion or self.esc50): raise MakeIndexError('neither dataset selected: index LAION (--laion), ESC-50 (--esc50) or both')
@@ -64,9 +70,18 @@ class IndexConfig:
         if self.download_dir is not None: self.download_dir = Path(self.download_dir)
 
 # %% ../nbs/04_makeindex.ipynb #8a5a1529
+_LINE_BREAKS = {'\u0085': '\\u0085', '\u2028': '\\u2028', '\u2029': '\\u2029'}  # str.splitlines() ends a line at these; JSON need not escape them
+
+def _enc(s:str) -> str:
+    "`s` as a JSON string, as `json.dumps(s, ensure_ascii=False)` writes it, with the line breaks JSON leaves raw escaped."
+    out = encode_basestring(s)
+    if '\u2028' in out or '\u2029' in out or '\x85' in out:
+        for ch, esc in _LINE_BREAKS.items(): out = out.replace(ch, esc)
+    return out
+
 def jsonl_line(**fields) -> str:
-    "One JSONL line (with its newline) of string and integer `fields`, as `json.dumps(fields, ensure_ascii=False)` writes it."
-    return '{' + ', '.join(f'"{k}": {encode_basestring(v) if isinstance(v, str) else int(v)}' for k, v in fields.items()) + '}\n'
+    "One JSONL line (with its newline) of string and integer `fields`, as `json.dumps(fields, ensure_ascii=False)` writes it (U+0085, U+2028, U+2029 escaped)."
+    return '{' + ', '.join(f'"{k}": {_enc(v) if isinstance(v, str) else int(v)}' for k, v in fields.items()) + '}\n'
 
 @contextmanager
 def atomic_writer(path:str|Path):
@@ -121,14 +136,19 @@ def _file_names(folder:str) -> set[str]:
         with os.scandir(folder) as it: return {e.name for e in it if e.is_file()}
     except (FileNotFoundError, NotADirectoryError): return set()
 
+def _quietly(read, *args, **kw):
+    "`read(*args, **kw)` without its warnings: skipped lines are reported in `bad_lines`."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return read(*args, **kw)
+
 def find_local_images(download_dir:str|Path,       # the download's output dir
                       skip_bad_lines:bool=False,   # skip corrupt lines of image_paths.jsonl instead of raising
+                      saved=None,                  # `records.read_saved(download_dir)`, if already read
                      ) -> LocalImages:
     "The images `download_dir/image_paths.jsonl` lists, each checked to be on disk by one listing per folder."
     root = os.path.abspath(download_dir)
-    with warnings.catch_warnings():  # skipped lines are reported in `bad_lines`, not as a warning
-        warnings.simplefilter('ignore')
-        saved = read_saved(root, skip_bad_lines=skip_bad_lines)
+    if saved is None: saved = _quietly(read_saved, root, skip_bad_lines=skip_bad_lines)
     paths, present, listings = [], np.zeros(len(saved), bool), {}
     for k, rel in enumerate(saved['path'].tolist()):
         full = os.path.join(root, rel) if isinstance(rel, str) and rel else ''
@@ -139,7 +159,84 @@ def find_local_images(download_dir:str|Path,       # the download's output dir
         paths.append(full)
     return LocalImages(saved['index'].to_numpy(np.int64), paths, present, list(saved.attrs.get('bad_lines', [])))
 
+# %% ../nbs/04_makeindex.ipynb #8eafc7c5
+_NUMERIC_HOST = re.compile(r'[0-9a-fx.]+')  # hosts the C library reads as IPv4 in its old forms: 2130706433, 0x7f.1, 127.1
+
+def _host_ip(host:str) -> str|None:
+    "The IP address a host from `split_url` is written as, or None when it is a name."
+    if ':' in host:  # IPv6, maybe with a zone: fe80::1%eth0
+        try: return str(ipaddress.ip_address(host.split('%')[0]))
+        except ValueError: return None
+    if _NUMERIC_HOST.fullmatch(host):  # IPv4 as the C library reads it (010.0.0.1 is octal: 8.0.0.1)
+        try: return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError: pass
+    return None
+
+def url_refusal(url:str,                   # an image URL
+                allow_private:bool=False,  # let private, loopback and link-local hosts through (the scheme is still checked)
+               ) -> tuple[str, str]|None:
+    "Why the downloader's rules refuse `url`, judged without a name lookup: (error type, message); None when they do not."
+    try: _, host, _ = split_url(url)
+    except SampleError as e: return e.error_type, e.message
+    if allow_private: return None
+    if host == 'localhost' or host.endswith('.localhost'): return 'blocked_address', f'{host} names this machine'
+    ip = _host_ip(host)
+    if ip is None or public_address(ip): return None
+    return 'blocked_address', f'{host} is not a public address' + (f' (it is {ip})' if ip != host else '')
+
+# %% ../nbs/04_makeindex.ipynb #c11eb05f
+_AUTHORITY = re.compile(r'[^/\\?#]*(?://[^/\\?#]*)?')  # a URL up to the end of its authority, as urllib3 splits it
+
+class UrlGuard:
+    "`url_refusal` for many URLs, judged once per scheme and authority."
+    def __init__(self, allow_private:bool=False, max_cached:int=200_000):
+        self.allow_private, self.max_cached, self._seen = allow_private, max_cached, {}
+
+    def __call__(self, url:str) -> tuple[str, str]|None:
+        key = _AUTHORITY.match(url.strip()).group()
+        try: return self._seen[key]
+        except KeyError: pass
+        if len(self._seen) >= self.max_cached: self._seen.clear()
+        why = self._seen[key] = url_refusal(url, self.allow_private)
+        return why
+
+# %% ../nbs/04_makeindex.ipynb #25ee1b07
+REFUSED_TYPES = frozenset({'invalid_url', 'blocked_address'})  # what the downloader refuses to fetch: never written as image_url
+
+def failure_reason(error_type:str,  # one of `errors.ERROR_TYPES`
+                   status:int|None=None,  # the HTTP status, if any
+                  ) -> str:
+    "How a failure is counted in the report: its error type, or `http <status>` for an HTTP status."
+    return f'http {int(status)}' if error_type == 'http_status' and status is not None and status == status else error_type
+
+@dataclass
+class Failures:
+    "The rows a download recorded as failed and not saved since, by index."
+    index: np.ndarray      # sorted row indices
+    reason: list[str]      # `failure_reason` of each
+    transient: np.ndarray  # True where another try may pass
+    bad_lines: list = field(default_factory=list)  # corrupt lines of download_errors.jsonl skipped
+
+    def lookup(self, indices:np.ndarray) -> np.ndarray:
+        "For each of `indices`: its position here, or -1 when the row is not recorded as failed."
+        if not len(self.index): return np.full(len(indices), -1)
+        pos = np.minimum(np.searchsorted(self.index, indices), len(self.index) - 1)
+        return np.where(self.index[pos] == indices, pos, -1)
+
+def find_failures(download_dir:str|Path,      # the download's output dir
+                  skip_bad_lines:bool=False,  # skip corrupt lines of download_errors.jsonl instead of raising
+                  saved=None,                 # `records.read_saved(download_dir)`, if already read
+                 ) -> Failures:
+    "The failed rows of `download_dir` (`records.read_failed`), each with its reason and whether it may pass."
+    failed = _quietly(read_failed, download_dir, skip_bad_lines=skip_bad_lines, saved=saved)
+    types, statuses = failed['error_type'].tolist(), failed['status'].tolist()
+    statuses = [None if s is None or s != s else int(s) for s in statuses]
+    return Failures(failed['index'].to_numpy(np.int64), [failure_reason(t, s) for t, s in zip(types, statuses)],
+                    np.array([is_transient(t, s) for t, s in zip(types, statuses)], bool), list(failed.attrs.get('bad_lines', [])))
+
 # %% ../nbs/04_makeindex.ipynb #7b15cb1c
+def _counts(c:dict) -> str: return ', '.join(f'{n:,} {k}' for k, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
 @dataclass
 class LaionReport:
     "What `index_laion` read, wrote and left out."
@@ -151,6 +248,8 @@ class LaionReport:
     no_caption: int = 0       # rows skipped: empty or missing caption
     no_url: int = 0           # rows skipped: not downloaded and empty or missing URL
     not_local: int = 0        # rows left out by only_local
+    refused: dict = field(default_factory=dict)  # rows left out because their URL is refused, by error type
+    failed: dict = field(default_factory=dict)   # rows left out because their download failed for good, by reason
     gone: int = 0             # rows listed in image_paths.jsonl whose file is not on disk
     train_lines: int = 0
     val_lines: int = 0
@@ -162,28 +261,40 @@ class LaionReport:
                + (f', {self.val} ({self.val_lines:,} lines)' if self.val else '')]
         out.append(f'  {self.local:,} with a downloaded image, {self.remote:,} with image_url')
         out.append(f'  skipped: {self.no_caption:,} without caption, {self.no_url:,} without URL, {self.not_local:,} not downloaded (only local)')
+        out.append(f'  left out, URL refused (never given to training): {sum(self.refused.values()):,}'
+                   + (f' ({_counts(self.refused)})' if self.refused else ''))
+        out.append(f'  left out, download failed for good (--keep-failed keeps them): {sum(self.failed.values()):,}'
+                   + (f' ({_counts(self.failed)})' if self.failed else ''))
         if self.gone: out.append(f'  {self.gone:,} listed in {SAVED_FILE} but the file is gone')
         if self.bad_lines: out.append(f'  {len(self.bad_lines):,} corrupt line(s) of {SAVED_FILE} skipped: {self.bad_lines[:10]}')
         return '\n'.join(out + [f'  note: {n}' for n in self.notes])
 
 # %% ../nbs/04_makeindex.ipynb #1dfeb606
-def _laion_lines(batch, local:LocalImages, cfg:IndexConfig, rep:LaionReport) -> tuple[list[str], list[str]]:
+def _laion_lines(batch, local:LocalImages, fails:Failures, guard:UrlGuard, cfg:IndexConfig, rep:LaionReport) -> tuple[list[str], list[str]]:
     "The train and val lines of one batch of dump rows; counts go to `rep`."
     idx = batch['index'].to_numpy(np.int64)
     pos, gone = local.lookup(idx)
+    fpos = fails.lookup(idx)
     to_val = val_mask(idx, cfg.val_ratio)
-    train, val, paths, enc = [], [], local.path, encode_basestring
+    train, val, paths, reasons, transient = [], [], local.path, fails.reason, fails.transient.tolist()
     n_local = n_remote = no_caption = no_url = not_local = 0
-    for i, cap, url, k, v in zip(idx.tolist(), batch['caption'].tolist(), batch['url'].tolist(), pos.tolist(), to_val.tolist()):
+    refused, failed = Counter(), Counter()
+    for i, cap, url, k, f, v in zip(idx.tolist(), batch['caption'].tolist(), batch['url'].tolist(), pos.tolist(), fpos.tolist(), to_val.tolist()):
         if not isinstance(cap, str) or not cap.strip(): no_caption += 1; continue
-        if k >= 0: line = f'{{"text": {enc(cap)}, "image": {enc(paths[k])}'; n_local += 1
+        if k >= 0: line = f'{{"text": {_enc(cap)}, "image": {_enc(paths[k])}'; n_local += 1
         elif cfg.only_local: not_local += 1; continue
         elif not isinstance(url, str) or not url.strip(): no_url += 1; continue
-        else: line = f'{{"text": {enc(cap)}, "image_url": {enc(url)}'; n_remote += 1
+        else:
+            if f >= 0 and reasons[f] in REFUSED_TYPES: refused[reasons[f]] += 1; continue
+            if f >= 0 and not transient[f] and not cfg.keep_failed: failed[reasons[f]] += 1; continue
+            why = guard(url)
+            if why is not None: refused[why[0]] += 1; continue
+            line = f'{{"text": {_enc(cap)}, "image_url": {_enc(url)}'; n_remote += 1
         line = f'{line}, "index": {i}}}\n' if cfg.with_index else line + '}\n'
         (val if v else train).append(line)
     rep.rows += len(idx); rep.local += n_local; rep.remote += n_remote; rep.gone += int(gone.sum())
     rep.no_caption += no_caption; rep.no_url += no_url; rep.not_local += not_local
+    rep.refused = dict(Counter(rep.refused) + refused); rep.failed = dict(Counter(rep.failed) + failed)
     rep.train_lines += len(train); rep.val_lines += len(val)
     return train, val
 
@@ -199,22 +310,47 @@ def index_laion(cfg:IndexConfig) -> LaionReport:
         raise MakeIndexError(f'{cfg.laion_dir}: no LAION dump here (--laion-dir); expected metadate/metadata_000.parquet in it')
     dump = Dump(cfg.laion_dir)
     download_dir = cfg.download_dir or dump.root or cfg.laion_dir  # the guide downloads into the dump's root
-    local = find_local_images(download_dir, cfg.skip_bad_lines)
+    saved = _quietly(read_saved, download_dir, skip_bad_lines=cfg.skip_bad_lines)
+    local = find_local_images(download_dir, cfg.skip_bad_lines, saved)
+    fails = find_failures(download_dir, cfg.skip_bad_lines, saved)
     root = Path(os.path.abspath(cfg.data_root))
     rep = LaionReport(root/'laion_train.jsonl', root/'laion_val.jsonl' if cfg.val_ratio else None, bad_lines=local.bad_lines)
     if not (download_dir/SAVED_FILE).exists():
         rep.notes.append(f'no {SAVED_FILE} in {download_dir}: no downloaded images, every row uses its URL')
+    if fails.bad_lines: rep.notes.append(f'{len(fails.bad_lines):,} corrupt line(s) of {FAILED_LOG} skipped: {fails.bad_lines[:10]}')
+    guard = UrlGuard(cfg.allow_private_networks)
     with ExitStack() as stack:
         train = stack.enter_context(atomic_writer(rep.train))
         val = stack.enter_context(atomic_writer(rep.val)) if rep.val else None
         for batch in dump.batches(columns=('index', 'url', 'caption'), limit=cfg.max_samples):
-            t, v = _laion_lines(batch, local, cfg, rep)
+            t, v = _laion_lines(batch, local, fails, guard, cfg, rep)
             train.writelines(t)
             if v: val.writelines(v)
     stale = root/'laion_val.jsonl'
     if rep.val is None and stale.exists():  # it would overlap the new train file
         stale.unlink(); rep.notes.append(f'removed {stale} from an earlier run with a validation split')
     return rep
+
+# %% ../nbs/04_makeindex.ipynb #592a451d
+INDEX_COLUMNS = {'text': 'string', 'image': 'string', 'image_url': 'string'}  # the LAION lines' columns (each may be missing)
+ESC50_INDEX_COLUMNS = {'text': 'string', 'audio': 'string'}                    # the ESC-50 lines' columns
+
+def index_features(first_line:str) -> dict[str, str]:
+    "The columns (name: Arrow type) of a JSONL file makeindex wrote, whose first line is `first_line`."
+    first = json.loads(first_line) if first_line.strip() else {}
+    cols = dict(ESC50_INDEX_COLUMNS if 'audio' in first else INDEX_COLUMNS)
+    if 'index' in first: cols['index'] = 'int64'
+    return cols
+
+def load_index(path:str|Path, # a JSONL file makeindex wrote, e.g. laion_train.jsonl
+               **kwargs,      # passed to `datasets.load_dataset`, e.g. cache_dir
+              ):
+    "The JSONL index at `path` as a Hugging Face `datasets.Dataset`, its columns fixed whatever its first lines hold."
+    try: import datasets
+    except ImportError: raise ImportError('load_index needs Hugging Face datasets: pip install datasets') from None
+    with open(path, encoding='utf-8') as f: cols = index_features(f.readline())
+    features = datasets.Features({k: datasets.Value(t) for k, t in cols.items()})
+    return datasets.load_dataset('json', data_files=str(path), features=features, split='train', **kwargs)
 
 # %% ../nbs/04_makeindex.ipynb #c91febf7
 ESC50_CSV = Path('meta')/'esc50.csv'
@@ -271,6 +407,14 @@ def read_esc50_csv(path:str|Path) -> list[Clip]:
     return clips
 
 # %% ../nbs/04_makeindex.ipynb #88340a1b
+def _wav_error(path, e:Exception) -> str:
+    "What `wave` could not read in `path`, in words: its message, or what an empty `EOFError` means."
+    if str(e): return str(e)
+    try: size = os.path.getsize(path)
+    except OSError: size = None
+    if size == 0: return 'empty file'
+    return f'the file ends inside its header, after {size} bytes' if size is not None else type(e).__name__
+
 def wav_problem(path:str|Path) -> str|None:
     "Why the WAV file at `path` cannot be used, or None when it opens and its last frame reads."
     try:
@@ -279,7 +423,7 @@ def wav_problem(path:str|Path) -> str|None:
             if n == 0: return 'no audio frames'
             w.setpos(n - 1)
             if len(w.readframes(1)) != size: return f'cut short: fewer than the {n} frames its header says'
-    except (wave.Error, EOFError, OSError) as e: return f'not a readable WAV file ({e})'
+    except (wave.Error, EOFError, OSError) as e: return f'not a readable WAV file ({_wav_error(path, e)})'
     return None
 
 # %% ../nbs/04_makeindex.ipynb #2f7ce205
@@ -355,10 +499,14 @@ examples:
   makeindex --laion --no-esc50          LAION only
   makeindex --esc50 --laion             both (also what plain `makeindex` does)
   makeindex --laion --only-local --with-index --val-ratio 0.05
+  makeindex --laion --no-esc50 --keep-failed
 
 output, in the data root:
   laion_train.jsonl   {"text": caption, "image": "/abs/path/images/123.jpg"} when downloaded,
-                      else {"text": caption, "image_url": url}
+                      else {"text": caption, "image_url": url}; rows whose URL the downloader refuses
+                      (blocked_address, invalid_url) and, unless --keep-failed, rows whose download
+                      failed for good are left out and counted by reason. Load it with
+                      laion_nb.makeindex.load_index (Hugging Face datasets, columns fixed).
   laion_val.jsonl     with --val-ratio
   esc50_train.jsonl   {"text": "the sound of dog", "audio": "/abs/path/audio/1-100032-A-0.wav"}
   esc50_val.jsonl     the --esc50-val-fold fold
@@ -389,7 +537,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument('--val-ratio', type=float, default=0.0, metavar='R',
                    help='LAION: put this share of rows in laion_val.jsonl, chosen by a hash of the row index so a row '
                         'stays on its side as the dump grows (default: 0, no validation file)')
-    g.add_argument('--skip-bad-lines', action='store_true', help='LAION: skip corrupt lines of image_paths.jsonl '
+    g.add_argument('--keep-failed', action='store_true', help='LAION: keep rows whose download failed for good (404, '
+                                                              'not an image, too small...) as image_url (default: left out, counted)')
+    g.add_argument('--allow-private-networks', action='store_true',
+                   help='LAION: write image_url of private, loopback and link-local addresses too, as the download '
+                        'allows them (a demo server); http(s) is still required')
+    g.add_argument('--skip-bad-lines', action='store_true', help='LAION: skip corrupt lines of image_paths.jsonl and download_errors.jsonl '
                                                                  '(default: stop, naming the line)')
     g.add_argument('--esc50-val-fold', type=int, default=5, metavar='K', help='ESC-50: fold K goes to esc50_val.jsonl, '
                                                                               'folds 1-5 but K to esc50_train.jsonl (default: %(default)s)')
@@ -410,7 +563,8 @@ def main(argv:list[str]|None=None) -> int:
     laion, esc50 = _selection(a.laion, a.esc50)
     try:
         cfg = IndexConfig(a.data_root, laion, esc50, a.laion_dir, a.download_dir, a.esc50_dir, a.max_samples, a.only_local,
-                          a.with_index, a.val_ratio, a.esc50_val_fold, a.esc10, a.skip_bad_lines, a.text_template)
+                          a.with_index, a.val_ratio, a.esc50_val_fold, a.esc10, a.skip_bad_lines, a.text_template,
+                          keep_failed=a.keep_failed, allow_private_networks=a.allow_private_networks)
         print(makeindex(cfg))
     except (MakeIndexError, DumpError, BadRecordError, OSError) as e:
         hint = ' (--skip-bad-lines to go on)' if isinstance(e, BadRecordError) else ''

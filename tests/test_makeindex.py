@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from laion_nb import demo
-from laion_nb.makeindex import (ESC50_COLUMNS, IndexConfig, MakeIndexError, find_local_images, index_esc50, index_laion,
-                                main, makeindex, val_mask)
-from laion_nb.records import SAVED_FILE, BadRecordError, RecordLog, Saved
+from laion_nb.download import DownloadConfig, download
+from laion_nb.makeindex import (ESC50_COLUMNS, IndexConfig, MakeIndexError, UrlGuard, find_local_images, index_esc50, index_laion,
+                                jsonl_line, load_index, main, makeindex, url_refusal, val_mask, wav_problem)
+from laion_nb.records import FAILED_LOG, SAVED_FILE, BadRecordError, Failed, RecordLog, Saved, read_failed
 
 MAKEINDEX = Path(sys.executable).parent/'makeindex'
 
@@ -369,7 +370,8 @@ def test_cli_help_explains_every_flag():
     text = ' '.join(out.stdout.split())
     for flag in ('--laion', '--no-laion', '--esc50', '--no-esc50', '--data-root', '--laion-dir', '--download-dir', '--esc50-dir',
                  '--max-samples', '--only-local', '--with-index', '--val-ratio', '--esc50-val-fold', '--esc10',
-                 '--skip-bad-lines', '--text-template', 'data_formal_alin', 'the sound of {category}'):
+                 '--skip-bad-lines', '--text-template', '--keep-failed', '--allow-private-networks', 'load_index',
+                 'data_formal_alin', 'the sound of {category}'):
         assert flag in text, flag
 
 
@@ -439,3 +441,202 @@ def test_cli_corrupt_line_hints_at_skip_bad_lines_which_goes_on(both):
     assert '--skip-bad-lines' in out.stderr and out.returncode == 2
     out = run('--laion', '--data-root', both, '--skip-bad-lines')
     assert out.returncode == 0 and '1 corrupt line(s)' in out.stdout
+
+
+# ---------------------------------------------------------------- what training may fetch (issues 11, 12)
+
+REFUSED_BY_DOWNLOAD = {  # URL: the type the downloader records for it, without connecting anywhere
+    'http://169.254.169.254/latest/meta-data/': 'blocked_address',
+    'http://10.1.2.3/a.jpg': 'blocked_address',
+    'http://[::ffff:127.0.0.1]/a.jpg': 'blocked_address',
+    'http://[64:ff9b::a9fe:a9fe]/latest/meta-data/': 'blocked_address',
+    'http://localhost/a.jpg': 'blocked_address',
+    'file:///etc/passwd': 'invalid_url',
+    'gopher://example.com/1': 'invalid_url',
+}
+NEVER_TRIED = {  # URL: what makeindex's own rules say of it (None: written)
+    'http://2130706433/a.jpg': 'blocked_address',
+    'http://0x7f.1/a.jpg': 'blocked_address',
+    'http://printer.localhost/a.jpg': 'blocked_address',
+    'http://[fe80::1%25eth0]/a.jpg': 'blocked_address',
+    'https://user:pw@192.168.0.1:8443/a.jpg': 'blocked_address',
+    'ftp://example.com/a.jpg': 'invalid_url',
+    'https://img.example.com/ok.jpg': None,
+    'http://93.184.216.34/ok.jpg': None,
+}
+
+
+def test_refused_urls_never_reach_training(tmp_path):
+    "The real downloader refuses the first rows (recorded), the rest are past --max-samples; none of them is written."
+    root = tmp_path/'data'
+    urls = [*REFUSED_BY_DOWNLOAD, *NEVER_TRIED]
+    laion = write_dump(root/'laion-1m-vit-h-14', len(urls), shards=2, urls=dict(enumerate(urls)))
+    rep = download(DownloadConfig(metadata=laion, output_dir=laion, max_samples=len(REFUSED_BY_DOWNLOAD), timeout=1.0,
+                                  retries=0, processes=1), progress=None)
+    failed = read_failed(laion)
+    assert dict(zip(failed['url'], failed['error_type'])) == REFUSED_BY_DOWNLOAD, 'the download refused them itself'
+    rep = index_laion(laion_cfg(root, with_index=True))
+    written = {o['index']: o for o in objs(root/'laion_train.jsonl')}
+    keep = [i for i, u in enumerate(urls) if NEVER_TRIED.get(u, 'refused') is None]
+    assert sorted(written) == keep and all(written[i]['image_url'] == urls[i] for i in keep)
+    assert rep.refused == {'blocked_address': 5 + 5, 'invalid_url': 2 + 1}
+    assert (rep.rows, rep.remote, rep.failed) == (len(urls), 2, {})
+    assert 'URL refused (never given to training): 13 (10 blocked_address, 3 invalid_url)' in repr(rep)
+    out = run('--laion', '--data-root', root)  # the CLI says the same
+    assert out.returncode == 0 and '13 (10 blocked_address, 3 invalid_url)' in out.stdout, out.stdout
+    # --allow-private-networks lets private addresses through, never a bad scheme nor what the download refused
+    rep = index_laion(laion_cfg(root, allow_private_networks=True))
+    assert rep.refused == {'blocked_address': 5, 'invalid_url': 3} and rep.remote == 7
+
+
+def test_url_guard_answers_as_url_refusal_for_every_url():
+    "The per-authority cache never changes an answer: same scheme and authority, same verdict, whatever the path."
+    urls = [*REFUSED_BY_DOWNLOAD, *NEVER_TRIED, 'https://img.example.com/other.jpg?x=1#y', 'http://10.1.2.3/other',
+            'http://a.example.com\\@10.0.0.1/x', 'http://a.example.com/x', 'HTTP://10.1.2.3/a', 'http:10.0.0.1/a', 'http:/10.0.0.1/a',
+            '/relative/a.jpg', '?q', '', '  https://img.example.com/padded.jpg  ', 'https://img.example.com:99999/a.jpg',
+            'https://exa mple.com/a.jpg', 'http://[::1]/a', 'http://[::1', 'http://127.1./a', 'http://1.2.3.4.5/a']
+    kind = lambda why: why and why[0]  # the error type; the message is that of the first URL seen with the authority
+    guard = UrlGuard()
+    for u in urls + urls:
+        assert kind(guard(u)) == kind(url_refusal(u)), u
+    assert len(guard._seen) < len(urls)
+
+
+def serve(server, routes):
+    return [server.url(r) for r in routes]
+
+
+PERMANENT = {'status/404': 'http 404', 'status/410': 'http 410', 'html/1': 'not_image', 'small/2.jpg': 'too_small',
+             'garbage/3.jpg': 'not_image'}
+TRANSIENT = ['status/500', 'status/503', 'stall/4']
+
+
+def test_permanent_failures_are_left_out_unless_keep_failed(tmp_path):
+    "A real download from the demo server: saved rows as image, transient failures and untried rows as image_url, permanent ones out."
+    root = tmp_path/'data'
+    with demo.ImageServer() as server:
+        routes = ['img/10.jpg', *PERMANENT, *TRANSIENT, 'img/11.jpg', 'status/404', 'img/12.jpg']  # the last 3: past max_samples
+        urls = serve(server, routes)
+        laion = write_dump(root/'laion-1m-vit-h-14', len(urls), shards=2, urls=dict(enumerate(urls)))
+        download(DownloadConfig(metadata=laion, output_dir=laion, max_samples=len(routes) - 3, timeout=1.0, retries=0,
+                                processes=1, allow_private_networks=True), progress=None)
+    failed = read_failed(laion)
+    assert sorted(failed['index']) == list(range(1, len(routes) - 3))
+    assert {t for t in failed['error_type']} >= {'http_status', 'not_image', 'too_small', 'timeout'}
+    rep = index_laion(laion_cfg(root, with_index=True, allow_private_networks=True))
+    got = {o['index']: ('image' if 'image' in o else 'image_url') for o in objs(root/'laion_train.jsonl')}
+    n_perm, n_trans = len(PERMANENT), len(TRANSIENT)
+    transient_rows = range(1 + n_perm, 1 + n_perm + n_trans)
+    untried = range(len(routes) - 3, len(routes))
+    assert got == {0: 'image', **{i: 'image_url' for i in transient_rows}, **{i: 'image_url' for i in untried}}
+    assert rep.failed == {'http 404': 1, 'http 410': 1, 'not_image': 2, 'too_small': 1}
+    assert rep.rows == rep.local + rep.remote + sum(rep.failed.values()) + sum(rep.refused.values()) + rep.no_caption
+    assert 'download failed for good (--keep-failed keeps them): 5 (2 not_image, 1 http 404, 1 http 410, 1 too_small)' in repr(rep)
+    # keep_failed keeps them as image_url, in the config and on the command line
+    rep = index_laion(laion_cfg(root, with_index=True, allow_private_networks=True, keep_failed=True))
+    assert rep.failed == {} and rep.remote == n_perm + n_trans + 3
+    assert [o['index'] for o in objs(root/'laion_train.jsonl')] == list(range(len(routes)))
+    out = run('--laion', '--data-root', root, '--allow-private-networks')
+    assert out.returncode == 0 and '5 (2 not_image, 1 http 404, 1 http 410, 1 too_small)' in out.stdout, out.stdout
+    assert len(objs(root/'laion_train.jsonl')) == len(routes) - n_perm
+    out = run('--laion', '--data-root', root, '--allow-private-networks', '--keep-failed')
+    assert out.returncode == 0 and len(objs(root/'laion_train.jsonl')) == len(routes)
+    # without --allow-private-networks the demo server's 127.0.0.1 URLs are refused too
+    rep = index_laion(laion_cfg(root))
+    assert rep.remote == 0 and rep.refused == {'blocked_address': n_trans + 3} and rep.local == 1
+
+
+def test_internal_failures_and_retried_rows_keep_their_url(root):
+    "internal (our bug) is transient; a row saved after a failure is not failed; a corrupt error line names its file."
+    laion = root/'laion-1m-vit-h-14'
+    with RecordLog(laion) as log:
+        log.failed(Failed(1, url(1), 'internal', None, 'KeyError in laion_nb', 1))
+        log.failed(Failed(3, url(3), 'http_status', 429, 'too many requests', 1))
+        log.failed(Failed(5, url(5), 'dns', None, 'cannot resolve', 1))
+        log.failed(Failed(4, url(4), 'http_status', 404, 'not found', 1))  # 4 is saved: its image is used
+    rep = index_laion(laion_cfg(root, with_index=True))
+    got = {o['index']: o for o in objs(root/'laion_train.jsonl')}
+    assert 'image_url' in got[1] and 'image_url' in got[3] and 'image' in got[4] and 5 not in got
+    assert rep.failed == {'dns': 1}
+    with open(laion/FAILED_LOG, 'a', encoding='utf-8') as f: f.write('{"index": 7, "url"\n')
+    with pytest.raises(BadRecordError, match=f'{FAILED_LOG}, line 5'):
+        index_laion(laion_cfg(root))
+    rep = index_laion(laion_cfg(root, skip_bad_lines=True))
+    assert rep.failed == {'dns': 1} and any(FAILED_LOG in n for n in rep.notes)
+
+
+def test_line_separators_in_captions_stay_on_one_line(tmp_path):
+    root = tmp_path/'data'
+    odd = {0: 'line\u2028sep', 1: 'para\u2029sep', 2: 'next\x85line', 3: 'all \u2028\u2029\x85 three', 4: 'form\x0cfeed\x0bvt\x1cfs'}
+    laion = write_dump(root/'laion-1m-vit-h-14', 8, shards=2, captions=odd)
+    save_images(laion, [0, 2], n_caption=lambda i: odd.get(i, caption(i)))
+    rep = index_laion(laion_cfg(root))
+    text = (root/'laion_train.jsonl').read_text(encoding='utf-8')
+    assert len(text.splitlines()) == rep.train_lines == 8
+    assert [json.loads(l)['text'] for l in text.splitlines()] == [odd.get(i, caption(i)) for i in range(8)]
+    assert '\u2028' not in text and '\u2029' not in text and '\x85' not in text
+    line = jsonl_line(text=odd[3], audio='/a/\u2028.wav')
+    assert len(line.splitlines()) == 1 and json.loads(line) == {'text': odd[3], 'audio': '/a/\u2028.wav'}
+
+
+def test_empty_or_headless_wav_says_what_is_wrong(esc):
+    meta = csv_rows(esc)
+    audio = esc/'ESC-50'/'audio'
+    empty, short = meta['filename'][:2]
+    (audio/empty).write_bytes(b'')
+    (audio/short).write_bytes(b'RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00')  # cut inside the fmt chunk
+    rep = index_esc50(esc_cfg(esc))
+    problems = dict(rep.problems)
+    assert problems[empty] == 'not a readable WAV file (empty file)'
+    assert problems[short] == 'not a readable WAV file (the file ends inside its header, after 22 bytes)'
+    assert '()' not in repr(rep)
+    assert wav_problem(audio/empty) == problems[empty]
+
+
+# ---------------------------------------------------------------- loading with Hugging Face datasets
+
+def test_load_index_when_the_first_block_is_all_local(tmp_path):
+    "100,000 downloaded rows then rows with image_url: a plain load_dataset fails on the columns, load_index does not."
+    datasets = pytest.importorskip('datasets')
+    n_local, n_url = 100_000, 20
+    root = tmp_path/'data'
+    laion = write_dump(root/'laion-1m-vit-h-14', n_local + n_url, shards=2)
+    (laion/'images').mkdir()
+    for k in range(1000): (laion/'images'/f'{k}.jpg').touch()  # makeindex checks the file is there, not what it holds
+    with RecordLog(laion) as log:  # rows share 1,000 files: creating 100,000 files takes a minute on a busy disk
+        for i in range(n_local): log.saved(Saved(i, f'images/{i % 1000}.jpg', url(i), caption(i), 64, 64, 0, '0' * 64))
+    rep = index_laion(laion_cfg(root, with_index=True))
+    assert (rep.local, rep.remote) == (n_local, n_url)
+    path = root/'laion_train.jsonl'
+    assert path.stat().st_size * n_local / (n_local + n_url) > 10 << 20, 'the first 10 MB block holds only image lines'
+    with pytest.raises(Exception) as plain:  # the problem load_index exists for
+        datasets.load_dataset('json', data_files=str(path), split='train', cache_dir=str(tmp_path/'hf0'))
+    cause = plain.value.__cause__ or plain.value
+    assert 'column names don' in str(cause) and 'image_url' in str(cause), repr(cause)
+    ds = load_index(path, cache_dir=str(tmp_path/'hf'))
+    assert ds.num_rows == n_local + n_url and ds.column_names == ['text', 'image', 'image_url', 'index']
+    assert ds[1001] == {'text': caption(1001), 'image': str((laion/'images'/'1.jpg').resolve()), 'image_url': None, 'index': 1001}
+    last = ds[n_local + n_url - 1]
+    assert last['image'] is None and last['image_url'] == url(n_local + n_url - 1) and last['text'] == caption(n_local + n_url - 1)
+    assert sum(x is not None for x in ds['image_url']) == n_url
+
+
+def test_load_index_reads_esc50_and_url_only_files(esc, tmp_path):
+    pytest.importorskip('datasets')
+    index_esc50(esc_cfg(esc))
+    ds = load_index(esc/'esc50_val.jsonl', cache_dir=str(tmp_path/'hf'))
+    assert ds.column_names == ['text', 'audio'] and ds.num_rows == len(objs(esc/'esc50_val.jsonl'))
+    (esc/'urls.jsonl').write_text(jsonl_line(text='a', image_url='https://e.com/a.jpg'), encoding='utf-8')
+    ds = load_index(esc/'urls.jsonl', cache_dir=str(tmp_path/'hf'))
+    assert ds.column_names == ['text', 'image', 'image_url'] and ds[0]['image'] is None
+
+
+def test_load_index_without_datasets_says_what_to_install(tmp_path):
+    "In a Python where `datasets` cannot be imported, one line naming the package."
+    code = ("import sys; sys.modules['datasets'] = None\n"
+            "from laion_nb.makeindex import load_index\n"
+            "try: load_index(sys.argv[1])\n"
+            "except ImportError as e: print(repr(str(e)))\n")
+    (tmp_path/'a.jsonl').write_text('{"text": "a", "image_url": "https://e.com/a.jpg"}\n', encoding='utf-8')
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path/'a.jsonl')], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == repr('load_index needs Hugging Face datasets: pip install datasets'), out.stderr
