@@ -434,9 +434,10 @@ def _draw(self:LiveProgress):
     if self.finished is not None: self.bar.bar_style = 'success' if not self.failed else 'warning'
     fails = ', '.join(f'<span class="laion-progress-{html.escape(k)}">{html.escape(k)} {n:,}</span>'
                       for k, n in self.counts.most_common() if k != 'saved')
+    failed = f'color:{ERROR_COLOR}' if self.failed else ''  # no alarm for no failures
     self.stats.value = (f'<div style="font-size:12px"><span class="laion-progress-saved" style="color:{SAVED_COLOR}">'
                         f'<b>saved {self.counts["saved"]:,}</b></span> · <span class="laion-progress-failed" '
-                        f'style="color:{ERROR_COLOR}"><b>failed {self.failed:,}</b></span>{": " + fails if fails else ""}'
+                        f'style="{failed}"><b>failed {self.failed:,}</b></span>{": " + fails if fails else ""}'
                         f'<br><span class="laion-progress-timing">{self._timing()}</span></div>')
 
 @patch
