@@ -102,7 +102,7 @@ class Gallery(_Panel):
         self.prev_button.on_click(lambda _: self.prev_page())
         self.next_button.on_click(lambda _: self.next_page())
         self.random_button.on_click(lambda _: self.random_sample())
-        self.search_box.observe(self._typed, names='value')
+        self.search_box.observe(self._typed, names='value')  # search as you type: below
         self.grid = W.GridBox(layout=W.Layout(grid_template_columns=f'repeat(auto-fill, {s + 24}px)',
                                               grid_gap='6px')).add_class('laion-gallery-grid')
         self._tiles = []  # (box, image, info), created as pages need them, reused afterwards
