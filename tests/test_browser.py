@@ -185,11 +185,12 @@ def check_widgets(page, summary, failed_index):
     total = summary['attempted']  # the progress panels: one each, though a cell ends with its panel
     page.wait_for_function("t => document.querySelector('.laion-progress-bar')?.innerText.includes(t)",
                            arg=f'{total:,}/{total:,}')
-    assert page.locator('.laion-progress').count() == 2
+    page.wait_for_function("() => [...document.querySelectorAll('.laion-progress-stats')].some(e => e.innerText.includes('waiting'))")
+    assert page.locator('.laion-progress').count() == 2  # all cells have run and shown their outputs by now
     stats = page.locator('.laion-progress-stats').first.inner_text()
     assert f'saved {summary["saved"]:,}' in stats and f'failed {summary["failed"]:,}' in stats, stats
     assert 'elapsed · done' in stats, stats
-    tail = page.locator('.laion-progress-stats').nth(1).inner_text()
+    tail = page.locator('.laion-progress-stats').last.inner_text()
     assert '2 rows waiting, up to 8 s' in tail, tail
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS/'widgets_browser.png'))
