@@ -359,6 +359,10 @@ def _upto(seconds:float) -> str:
     s = math.ceil(max(0.0, seconds))
     return f'{s} s' if s < 60 else _duration(s)
 
+def _rate(r:float) -> str:
+    "A rate with one decimal, or two significant digits under 0.1 (0.0033, not 0.0)."
+    return f'{r:,.1f}' if r >= 0.1 or r == 0 else f'{r:.2g}'
+
 class LiveProgress(_Panel):
     "Progress of a download as a notebook panel: a bar, counts per outcome and throughput."
     def __init__(self, interval:float=0.25,  # least time between redraws, in seconds
@@ -443,7 +447,7 @@ def _draw(self:LiveProgress):
 @patch
 def _timing(self:LiveProgress):
     now = self.finished or time.monotonic()
-    head = f'{self.rate:,.1f} rows/s · {_duration(now - self.started)} elapsed'
+    head = f'{_rate(self.rate)} rows/s · {_duration(now - self.started)} elapsed'
     if self.finished: return head + ' · done'
     left = self.total - self.done
     if self.in_flight and (left <= self.in_flight or not self.done):  # the tail: all that is left is in flight
