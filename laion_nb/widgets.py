@@ -4,20 +4,22 @@
 
 # %% ../nbs/05_widgets.ipynb #f660ed4f
 from __future__ import annotations
-import html, io, threading, time
+import html, io, math, threading, time
 from collections import Counter, OrderedDict
 from pathlib import Path
 
 import ipywidgets as W
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 from IPython.display import display
 from PIL import Image
 
 from . import records
 
 # %% auto #0
-__all__ = ['NO_STATUS', 'NO_HOST', 'ALL', 'make_thumb', 'Gallery', 'domains', 'count_shares', 'ErrorBreakdown', 'LiveProgress']
+__all__ = ['NO_STATUS', 'NO_HOST', 'ALL', 'SAVED_COLOR', 'ERROR_COLOR', 'make_thumb', 'Gallery', 'domains', 'count_shares',
+           'ErrorBreakdown', 'LiveProgress']
 
 # %% ../nbs/05_widgets.ipynb #1a8c611c
 def make_thumb(path:str|Path,   # the image file
@@ -39,6 +41,14 @@ def _in_notebook() -> bool:
     try: from IPython import get_ipython
     except ImportError: return False
     return getattr(get_ipython(), 'kernel', None) is not None
+
+def _cell_key():
+    "What tells the running cell apart: the kernel's execute request, else IPython's execution count."
+    try: from IPython import get_ipython
+    except ImportError: return None
+    shell = get_ipython()
+    if shell is None: return None
+    return (getattr(shell, 'parent_header', None) or {}).get('msg_id') or shell.execution_count
 
 def _short(text, n):
     text = str(text)
@@ -66,14 +76,16 @@ class Gallery(_Panel):
                  page_size:int=24,        # thumbnails per page
                  thumb_size:int=128,      # longest side of a thumbnail, in pixels
                  seed:int=0,              # seed of the random samples
-                 cache_size:int=1024):    # thumbnails kept in memory
+                 cache_size:int=1024,     # thumbnails kept in memory
+                 debounce:float=0.3):     # seconds after the last keystroke before the search box searches
         self.out_dir = _check_dir(out_dir)
         if page_size < 1: raise ValueError(f'page_size must be at least 1, not {page_size}')
-        self.page_size, self.thumb_size, self.cache_size = page_size, thumb_size, cache_size
+        self.page_size, self.thumb_size, self.cache_size, self.debounce = page_size, thumb_size, cache_size, debounce
         self.saved = records.read_saved(self.out_dir)
         self._rng = np.random.default_rng(seed)
-        self._thumbs, self.thumbs_made = OrderedDict(), 0
+        self._thumbs, self.thumbs_made, self.searches = OrderedDict(), 0, 0
         self._missing = _placeholder(thumb_size)
+        self._lock, self._timer, self._setting = threading.RLock(), None, False  # see the search below
         self.query, self.shuffled, self.page = '', False, 0
         self.rows = np.arange(len(self.saved))  # positions in `saved` of the matches, in display order
         self._build()
@@ -84,13 +96,13 @@ class Gallery(_Panel):
         self.prev_button = W.Button(description='◀ prev', layout=W.Layout(width='80px'))
         self.next_button = W.Button(description='next ▶', layout=W.Layout(width='80px'))
         self.page_label = W.HTML().add_class('laion-page-label')
-        self.search_box = W.Text(placeholder='search captions', continuous_update=False,
+        self.search_box = W.Text(placeholder='search captions', continuous_update=True,
                                  layout=W.Layout(width='220px')).add_class('laion-search')
         self.random_button = W.Button(description='random sample', icon='random', layout=W.Layout(width='140px'))
         self.prev_button.on_click(lambda _: self.prev_page())
         self.next_button.on_click(lambda _: self.next_page())
         self.random_button.on_click(lambda _: self.random_sample())
-        self.search_box.observe(lambda ch: self.search(ch['new']), names='value')
+        self.search_box.observe(self._typed, names='value')  # search as you type: below
         self.grid = W.GridBox(layout=W.Layout(grid_template_columns=f'repeat(auto-fill, {s + 24}px)',
                                               grid_gap='6px')).add_class('laion-gallery-grid')
         self._tiles = []  # (box, image, info), created as pages need them, reused afterwards
@@ -138,13 +150,14 @@ class Gallery(_Panel):
 
     def show_page(self, page:int):
         "Show page `page` (counted from 0, clipped to the pages there are)."
-        self.page = min(max(0, page), self.n_pages - 1)
-        pos = self.rows[self.page * self.page_size:(self.page + 1) * self.page_size]
-        self.page_rows = self.saved.iloc[pos]
-        self.grid.children = [self._show(k, row) for k, row in enumerate(self.page_rows.to_dict('records'))]
-        self.page_label.value = self._label()
-        self.prev_button.disabled = self.page == 0
-        self.next_button.disabled = self.page >= self.n_pages - 1
+        with self._lock:
+            self.page = min(max(0, page), self.n_pages - 1)
+            pos = self.rows[self.page * self.page_size:(self.page + 1) * self.page_size]
+            self.page_rows = self.saved.iloc[pos]
+            self.grid.children = [self._show(k, row) for k, row in enumerate(self.page_rows.to_dict('records'))]
+            self.page_label.value = self._label()
+            self.prev_button.disabled = self.page == 0
+            self.next_button.disabled = self.page >= self.n_pages - 1
 
     def next_page(self): self.show_page(self.page + 1)
     def prev_page(self): self.show_page(self.page - 1)
@@ -155,22 +168,12 @@ class Gallery(_Panel):
         if self.shuffled: what += ', in random order'
         return f'page {self.page + 1:,} of {self.n_pages:,} · {what}'
 
-    def search(self, text:str):
-        "Show the images whose caption contains `text`, ignoring case; an empty `text` shows all."
-        text = text.strip()
-        if text:
-            hit = self.saved['caption'].astype(str).str.contains(text, case=False, regex=False)
-            self.rows = np.flatnonzero(hit.to_numpy(dtype=bool, na_value=False))
-        else: self.rows = np.arange(len(self.saved))
-        self.query, self.shuffled = text, False
-        if self.search_box.value.strip() != text: self.search_box.value = text  # calls back here: cheap, same result
-        self.show_page(0)
-
     def random_sample(self):
         "Show the current matches in a new random order (seeded), starting with its first page."
-        self.rows = self._rng.permutation(self.rows)
-        self.shuffled = True
-        self.show_page(0)
+        with self._lock:
+            self.rows = self._rng.permutation(self.rows)
+            self.shuffled = True
+            self.show_page(0)
 
     def __repr__(self):
         head = f'Gallery of {self.out_dir}: {self._label()} ({self.page_size} per page)'
@@ -179,10 +182,51 @@ class Gallery(_Panel):
                 for r in self.page_rows.to_dict('records')]
         return '\n'.join([head, f'{"index":>9}  {"size":>11}  caption', *rows])
 
+# %% ../nbs/05_widgets.ipynb #318a388c
+@patch
+def _typed(self:Gallery, change):
+    "The search box changed: search `debounce` seconds after the last change."
+    with self._lock:
+        if self._timer is not None: self._timer.cancel()
+        self._timer = None
+        if self._setting: return  # `search` set the box itself
+        if self.debounce <= 0: return self._search_box()
+        self._timer = threading.Timer(self.debounce, self._search_box)
+        self._timer.daemon = True
+        self._timer.start()
+
+@patch
+def _search_box(self:Gallery):
+    "Search what the box holds now, unless the gallery shows that already."
+    with self._lock:
+        text = self.search_box.value.strip()
+        if text != self.query: self._filter(text)
+
+@patch
+def _filter(self:Gallery, text:str):
+    if text:
+        hit = self.saved['caption'].astype(str).str.contains(text, case=False, regex=False)
+        self.rows = np.flatnonzero(hit.to_numpy(dtype=bool, na_value=False))
+    else: self.rows = np.arange(len(self.saved))
+    self.query, self.shuffled, self.searches = text, False, self.searches + 1
+    self.show_page(0)
+
+@patch
+def search(self:Gallery, text:str):
+    "Show the images whose caption contains `text`, ignoring case; an empty `text` shows all."
+    with self._lock:
+        text = text.strip()
+        self._setting = True
+        try: self.search_box.value = text
+        finally: self._setting = False
+        self._filter(text)
+
 # %% ../nbs/05_widgets.ipynb #102fc16f
 NO_STATUS = 'no response'  # the status label of failures that never got an HTTP response
 NO_HOST = '(no host)'      # the domain label of URLs without a host
 ALL = '(all)'              # the choice of all error types in the breakdown's dropdown
+SAVED_COLOR = '#5cb85c'    # saved rows, in every widget
+ERROR_COLOR = '#d9534f'    # failed rows, in every widget
 
 def domains(urls:pd.Series) -> pd.Series:
     "The host of each URL in `urls`, lower-cased; `NO_HOST` where there is none."
@@ -203,8 +247,9 @@ def count_shares(values:pd.Series,    # one label per row
 _TABLE = 'border-collapse:collapse;font-size:12px;margin:0 18px 12px 0;vertical-align:top'
 _CELL = 'padding:1px 8px;border-bottom:1px solid #eee'
 
-def _bar_table(name, title, df, color='#d9534f') -> str:
-    "One breakdown table as HTML, a bar per row; rows are `tr.laion-bar-row` with `data-table` and `data-count`."
+def _bar_table(name, title, df, color=ERROR_COLOR) -> str:
+    "One breakdown table as HTML, a bar per row (`color`, or a colour per label); rows are `tr.laion-bar-row`."
+    colors = color if isinstance(color, dict) else {}
     rate = 'failure_rate' in df  # the domain table also says how often each domain failed
     td = lambda v, align='right': f'<td style="{_CELL};text-align:{align}">{v}</td>'
     rows = ''.join(
@@ -212,7 +257,7 @@ def _bar_table(name, title, df, color='#d9534f') -> str:
         + td(html.escape(str(k)), 'left') + td(f'{r.count:,}') + td(f'{r.share:.1%}')
         + (td(f'{r.failure_rate:.0%} failed') if rate else '')
         + f'<td style="{_CELL};width:120px"><div class="laion-bar" '
-          f'style="height:10px;width:{100 * r.share:.1f}%;background:{color}"></div></td></tr>'
+          f'style="height:10px;width:{100 * r.share:.1f}%;background:{colors.get(k, color)}"></div></td></tr>'
         for k, r in zip(df.index, df.itertuples()))
     if not rows: rows = f'<tr><td style="{_CELL}" colspan="5"><i>none</i></td></tr>'
     return (f'<table class="laion-breakdown laion-breakdown-{name}" style="{_TABLE}"><thead><tr>'
@@ -262,11 +307,11 @@ class ErrorBreakdown(_Panel):
         s = self.summary
         head = (f'<div style="font-size:13px;margin-bottom:6px"><b>{s["attempted"]:,}</b> rows attempted in '
                 f'<code>{html.escape(str(self.out_dir))}</code></div>')
-        tables = [_bar_table('outcome', 'outcome', self.outcome, '#5cb85c'),
-                  _bar_table('type', 'failures by error type', self.by_type),
+        tables = [_bar_table('outcome', 'outcome', self.outcome, {'saved': SAVED_COLOR, 'failed': ERROR_COLOR}),
+                  _bar_table('type', 'failures by error type', self.by_type),  # every failure in the error colour
                   _bar_table('status', 'failures by HTTP status', self.by_status),
-                  _bar_table('attempts', 'failures by attempts', self.by_attempts, '#f0ad4e'),
-                  _bar_table('domain', self._domain_title(), self.by_domain, '#5bc0de')]
+                  _bar_table('attempts', 'failures by attempts', self.by_attempts),
+                  _bar_table('domain', self._domain_title(), self.by_domain)]
         self.tables = W.HTML(head + '<div style="display:flex;flex-wrap:wrap;align-items:flex-start">'
                              + ''.join(tables) + '</div>').add_class('laion-breakdown-tables')
         options = [(f'all failures ({s["failed"]:,})', ALL)] + [(f'{t} ({n:,})', t) for t, n in s['by_type'].items()]
@@ -309,6 +354,15 @@ def _duration(seconds:float) -> str:
     m, s = divmod(int(seconds), 60); h, m = divmod(m, 60)
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
 
+def _upto(seconds:float) -> str:
+    "Whole seconds, rounded up, as 8 s or 1:05."
+    s = math.ceil(max(0.0, seconds))
+    return f'{s} s' if s < 60 else _duration(s)
+
+def _rate(r:float) -> str:
+    "A rate with one decimal, or two significant digits under 0.1 (0.0033, not 0.0)."
+    return f'{r:,.1f}' if r >= 0.1 or r == 0 else f'{r:.2g}'
+
 class LiveProgress(_Panel):
     "Progress of a download as a notebook panel: a bar, counts per outcome and throughput."
     def __init__(self, interval:float=0.25,  # least time between redraws, in seconds
@@ -320,66 +374,101 @@ class LiveProgress(_Panel):
                                  layout=W.Layout(width='480px')).add_class('laion-progress-bar')
         self.stats = W.HTML().add_class('laion-progress-stats')
         self.widget = W.VBox([self.bar, self.stats]).add_class('laion-progress')
-        self._shown, self.draws = False, 0
+        self._shown_in, self._handle, self.draws = None, None, 0
         self._reset(0)
 
     def _reset(self, total):
         self.total, self.done, self.counts = total, 0, Counter()
         self.started = self._drawn = time.monotonic()
-        self.finished = None
+        self.finished, self.in_flight, self._deadline = None, 0, self.started
 
-    def start(self, total:int):  # rows the download will try
-        "Begin a run of `total` rows."
-        with self._lock:
-            self._reset(int(total or 0))
-            self._draw()
-        if self.show and not self._shown and _in_notebook(): display(self)
+# %% ../nbs/05_widgets.ipynb #ffd0df5c
+@patch
+def start(self:LiveProgress, total:int):  # rows the download will try
+    "Begin a run of `total` rows; show the panel in this cell unless it is there already."
+    with self._lock:
+        self._reset(int(total or 0))
+        self._draw()
+    if self.show and _in_notebook(): display(self)
 
-    def update(self, rec:records.Saved|records.Failed):  # the record of a row that ended
-        "Count one ended row; redraw if `interval` has passed since the last redraw."
-        kind = getattr(rec, 'error_type', None) or 'saved'
-        with self._lock:
-            self.counts[kind] += 1
-            self.done += 1
-            if time.monotonic() - self._drawn >= self.interval: self._draw()
+@patch
+def update(self:LiveProgress, rec:records.Saved|records.Failed):  # the record of a row that ended
+    "Count one ended row; redraw if `interval` has passed since the last redraw."
+    kind = getattr(rec, 'error_type', None) or 'saved'
+    with self._lock:
+        self.counts[kind] += 1
+        self.done += 1
+        if self.in_flight: self.in_flight -= 1  # it was in flight until now
+        if time.monotonic() - self._drawn >= self.interval: self._draw()
 
-    def close(self):
-        "Draw the final state."
-        with self._lock:
-            if self.finished is None: self.finished = time.monotonic()
-            self._draw()
+@patch
+def waiting(self:LiveProgress, in_flight:int,  # rows started and not yet recorded
+            longest:float):                    # seconds until the oldest of them must end
+    "Note the rows in flight; redraw (the elapsed time too) if `interval` has passed since the last redraw."
+    with self._lock:
+        now = time.monotonic()
+        self.in_flight, self._deadline = max(0, int(in_flight)), now + max(0.0, float(longest))
+        if now - self._drawn >= self.interval: self._draw()
 
-    @property
-    def failed(self) -> int: return self.done - self.counts['saved']
-    @property
-    def rate(self) -> float:
-        "Rows per second so far."
-        return self.done / max((self.finished or time.monotonic()) - self.started, 1e-9)
+@patch
+def close(self:LiveProgress):
+    "Draw the final state, with the run's true rate."
+    with self._lock:
+        if self.finished is None: self.finished = time.monotonic()
+        self.in_flight = 0
+        self._draw()
+    if self._handle is not None:  # the text a saved notebook shows is the final one, not that of `start`
+        self._handle.update(_Panel._repr_mimebundle_(self), raw=True)
 
-    def _draw(self):
-        self._drawn, self.draws = time.monotonic(), self.draws + 1
-        self.bar.max = max(self.total, self.done, 1)
-        self.bar.value = self.done
-        self.bar.description = f'{self.done:,}/{self.total:,}'
-        if self.finished is not None: self.bar.bar_style = 'success' if not self.failed else 'warning'
-        fails = ', '.join(f'<span class="laion-progress-{html.escape(k)}">{html.escape(k)} {n:,}</span>'
-                          for k, n in self.counts.most_common() if k != 'saved')
-        self.stats.value = (f'<div style="font-size:12px"><span class="laion-progress-saved"><b>saved {self.counts["saved"]:,}</b></span>'
-                            f' · <b>failed {self.failed:,}</b>{": " + fails if fails else ""}<br>{self._timing()}</div>')
+# %% ../nbs/05_widgets.ipynb #35f4a60a
+@patch(as_prop=True)
+def failed(self:LiveProgress) -> int: return self.done - self.counts['saved']
 
-    def _timing(self):
-        elapsed = (self.finished or time.monotonic()) - self.started
-        eta = '' if self.finished or not self.done or self.done >= self.total else \
-              f' · about {_duration((self.total - self.done) / self.rate)} left'
-        return f'{self.rate:,.1f} rows/s · {_duration(elapsed)} elapsed{eta}' + (' · done' if self.finished else '')
+@patch(as_prop=True)
+def rate(self:LiveProgress) -> float:
+    "Rows per second: rows done over time elapsed (at the end, over the whole run)."
+    return self.done / max((self.finished or time.monotonic()) - self.started, 1e-9)
 
-    def __repr__(self):
-        with self._lock:
-            share = f' ({self.done / self.total:.0%})' if self.total else ''
-            fails = ', '.join(f'{k} {n:,}' for k, n in self.counts.most_common() if k != 'saved')
-            return (f'LiveProgress: {self.done:,}/{self.total:,} rows{share} · saved {self.counts["saved"]:,}'
-                    f' · failed {self.failed:,}{" (" + fails + ")" if fails else ""} · {self._timing()}')
+@patch
+def _draw(self:LiveProgress):
+    self._drawn, self.draws = time.monotonic(), self.draws + 1
+    self.bar.max = max(self.total, self.done, 1)
+    self.bar.value = self.done
+    self.bar.description = f'{self.done:,}/{self.total:,}'
+    if self.finished is not None: self.bar.bar_style = 'success' if not self.failed else 'warning'
+    fails = ', '.join(f'<span class="laion-progress-{html.escape(k)}">{html.escape(k)} {n:,}</span>'
+                      for k, n in self.counts.most_common() if k != 'saved')
+    failed = f'color:{ERROR_COLOR}' if self.failed else ''  # no alarm for no failures
+    self.stats.value = (f'<div style="font-size:12px"><span class="laion-progress-saved" style="color:{SAVED_COLOR}">'
+                        f'<b>saved {self.counts["saved"]:,}</b></span> · <span class="laion-progress-failed" '
+                        f'style="{failed}"><b>failed {self.failed:,}</b></span>{": " + fails if fails else ""}'
+                        f'<br><span class="laion-progress-timing">{self._timing()}</span></div>')
 
-    def _repr_mimebundle_(self, **kwargs):
-        self._shown = True
-        return super()._repr_mimebundle_(**kwargs)
+@patch
+def _timing(self:LiveProgress):
+    now = self.finished or time.monotonic()
+    head = f'{_rate(self.rate)} rows/s · {_duration(now - self.started)} elapsed'
+    if self.finished: return head + ' · done'
+    left = self.total - self.done
+    if self.in_flight and (left <= self.in_flight or not self.done):  # the tail: all that is left is in flight
+        rows = f'{self.in_flight:,} row{"s" if self.in_flight != 1 else ""}'
+        return head + f' · {rows} waiting, up to {_upto(self._deadline - now)}'
+    if self.done and left > 0: return head + f' · about {_duration(math.ceil(left / self.rate))} left'
+    return head
+
+# %% ../nbs/05_widgets.ipynb #2e8a48f9
+@patch
+def __repr__(self:LiveProgress):
+    with self._lock:
+        share = f' ({self.done / self.total:.0%})' if self.total else ''
+        fails = ', '.join(f'{k} {n:,}' for k, n in self.counts.most_common() if k != 'saved')
+        return (f'LiveProgress: {self.done:,}/{self.total:,} rows{share} · saved {self.counts["saved"]:,}'
+                f' · failed {self.failed:,}{" (" + fails + ")" if fails else ""} · {self._timing()}')
+
+@patch
+def _ipython_display_(self:LiveProgress):
+    "Show the panel, unless this cell shows it already (`start` did, or an earlier `display`)."
+    key = _cell_key()
+    if key is not None and key == self._shown_in: return
+    self._shown_in = key
+    self._handle = display(_Panel._repr_mimebundle_(self), raw=True, display_id=True)

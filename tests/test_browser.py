@@ -1,7 +1,8 @@
 """The widgets in a real browser: JupyterLab on 127.0.0.1 and Debian's headless Chromium driven by playwright.
 
 Marked `browser` (deselect with `-m "not browser"`); it runs in CI, where `.ci/system-deps` installs Chromium.
-The screenshot goes to artifacts/widgets_browser.png.
+The screenshots go to artifacts/widgets_browser.png (as rendered) and widgets_browser_controls.png
+(after paging, typing a search and choosing an error type).
 """
 import json
 import os
@@ -47,9 +48,11 @@ def make_output(out_dir):
 
 
 def demo_download(out_dir, demo, download):
+    "60 demo rows, 30 % failing on the quick failures only (no stall or drip: nothing waits on a timeout)."
     with demo.ImageServer() as server:
-        dump = demo.make_demo_dump(out_dir.parent/'dump', server)
-        cfg = download.DownloadConfig(metadata=dump, output_dir=out_dir, allow_private_networks=True)
+        dump = demo.make_demo_dump(out_dir.parent/'dump', server, n=60, fail_share=0.3, failures=demo.BENCH_FAILURES)
+        cfg = download.DownloadConfig(metadata=dump, output_dir=out_dir, timeout=2, retries=1,
+                                      allow_private_networks=True)
         download.download(cfg, progress=None)
     return out_dir
 
@@ -63,7 +66,9 @@ def notebook(out_name):
              "rows = [records.Saved(**r) for r in records.read_saved(out).to_dict('records')]\n"
              "rows += [records.Failed(**r) for r in records.read_failed(out).to_dict('records')]\n"
              "progress = LiveProgress()\nprogress.start(len(rows))\n"
-             "for r in rows: progress.update(r)\nprogress.close()"]
+             "for r in rows: progress.update(r)\nprogress.close()\nprogress",  # ends with the panel: still shown once
+             # a run in its slow tail: one row recorded, two in flight, only `waiting` calls come
+             "tail = LiveProgress(interval=0)\ntail.start(3)\ntail.update(rows[0])\ntail.waiting(2, 8.0)"]
     return {'cells': [{'cell_type': 'code', 'execution_count': None, 'id': f'c{k}', 'metadata': {}, 'outputs': [],
                        'source': src} for k, src in enumerate(cells)],
             'metadata': {'kernelspec': {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}},
@@ -151,7 +156,7 @@ def run_all_cells(page, base, token, path):
 
 
 def check_widgets(page, summary, failed_index):
-    "The gallery and the breakdown on screen say what the records say; the next button pages."
+    "The gallery and the breakdown on screen say what the records say."
     n_thumbs, n_errors = min(PAGE_SIZE, summary['saved']), min(SAMPLES, summary['failed'])
     counts = page.wait_for_function(
         """([t, e]) => {
@@ -171,29 +176,73 @@ def check_widgets(page, summary, failed_index):
     assert bar_rows('outcome') == {'saved': summary['saved'], 'failed': summary['failed']}
     assert bar_rows('type') == summary['by_type']
     assert {k: v for k, v in bar_rows('status').items() if k != 'no response'} == summary['by_status']
+    colour = lambda sel: page.locator(sel).first.evaluate('e => getComputedStyle(e).backgroundColor')
+    assert colour('tr[data-table="outcome"][data-key="saved"] .laion-bar') == 'rgb(92, 184, 92)'  # green
+    assert colour('tr[data-table="outcome"][data-key="failed"] .laion-bar') == 'rgb(217, 83, 79)'  # the error colour
     shown = [int(r.get_attribute('data-index')) for r in page.locator('tr.laion-error-row').all()]
     assert shown == failed_index[:SAMPLES]
-    total = summary['attempted']
+
+    total = summary['attempted']  # the progress panels: one each, though a cell ends with its panel
     page.wait_for_function("t => document.querySelector('.laion-progress-bar')?.innerText.includes(t)",
                            arg=f'{total:,}/{total:,}')
-    stats = page.locator('.laion-progress-stats').inner_text()
+    page.wait_for_function("() => [...document.querySelectorAll('.laion-progress-stats')].some(e => e.innerText.includes('waiting'))")
+    assert page.locator('.laion-progress').count() == 2  # all cells have run and shown their outputs by now
+    stats = page.locator('.laion-progress-stats').first.inner_text()
     assert f'saved {summary["saved"]:,}' in stats and f'failed {summary["failed"]:,}' in stats, stats
+    assert 'elapsed · done' in stats, stats
+    tail = page.locator('.laion-progress-stats').last.inner_text()
+    assert '2 rows waiting, up to 8 s' in tail, tail
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS/'widgets_browser.png'))
+
+
+def label(page):
+    return page.locator('.laion-page-label').inner_text().strip()
+
+
+def tiles(page):
+    "The rows the gallery shows: index and caption of each tile on screen."
+    return [t.split('\n', 1) for t in page.locator('.laion-thumb-info').all_inner_texts()]
+
+
+def check_controls(page, saved, summary):
+    "Pager, search and the breakdown's filter, clicked and typed as a person does; the screen follows."
+    n_pages = -(-len(saved) // PAGE_SIZE)
+    assert n_pages > 1, 'the demo output must fill more than a page'
+    first = tiles(page)
+    assert [t[0].split(' · ')[0] for t in first] == [f'#{i}' for i in saved['index'][:PAGE_SIZE]]
+    page.click('.laion-gallery button:has-text("next")')  # a click goes to the kernel and comes back as page 2
+    page.wait_for_function("() => document.querySelector('.laion-page-label').innerText.trim().startsWith('page 2 of')")
+    page.wait_for_function("n => document.querySelectorAll('.laion-thumb').length === n",
+                           arg=min(PAGE_SIZE, len(saved) - PAGE_SIZE))
+    page.wait_for_function("i => document.querySelector('.laion-thumb-info').innerText.startsWith(i)",
+                           arg=f'#{saved["index"].iloc[PAGE_SIZE]}')
+    assert label(page) == f'page 2 of {n_pages} · {len(saved):,} images'
+    assert [t[0].split(' · ')[0] for t in tiles(page)] == [f'#{i}' for i in saved['index'][PAGE_SIZE:2 * PAGE_SIZE]]
+
+    query = 'cats'  # typed key by key, no Enter: the search follows the typing
+    hits = saved[saved['caption'].str.contains(query, case=False, regex=False)]
+    assert 0 < len(hits) < PAGE_SIZE, hits
+    page.locator('.laion-search input').press_sequentially(query, delay=60)
+    page.wait_for_function("q => document.querySelector('.laion-page-label').innerText.includes(q)", arg=f'“{query}”')
+    page.wait_for_function("n => document.querySelectorAll('.laion-thumb').length === n", arg=len(hits))
+    assert label(page) == f'page 1 of 1 · {len(hits)} of {len(saved):,} images match “{query}”'
+    shown = tiles(page)
+    assert [t[0].split(' · ')[0] for t in shown] == [f'#{i}' for i in hits['index']]
+    assert all(query in t[1].lower() for t in shown), shown
+    assert page.locator('.laion-search input').input_value() == query  # the box kept what was typed
+    assert page.locator('.laion-gallery button:has-text("next")').is_disabled()
 
     select = page.locator('.laion-error-select select')
     labels = [t.replace('\xa0', ' ') for t in select.locator('option').all_inner_texts()]  # widgets use nbsp
     assert labels == [f'all failures ({summary["failed"]:,})'] + [f'{k} ({n:,})' for k, n in summary['by_type'].items()]
     assert select.evaluate('s => s.selectedIndex') == 0
-    n = list(summary['by_type'].values())[-1]  # choosing a type lists its rows only
+    kind, n = list(summary['by_type'].items())[-1]  # choosing a type lists its rows only
     select.select_option(index=len(labels) - 1)
     page.wait_for_function("n => document.querySelectorAll('.laion-error-row').length === n", arg=min(SAMPLES, n))
-
-    if n_pages > 1:  # a click goes to the kernel and comes back as the next page
-        page.click('.laion-gallery button:has-text("next")')
-        page.wait_for_function("() => document.querySelector('.laion-page-label').innerText.trim().startsWith('page 2 of')")
-        page.wait_for_function("n => document.querySelectorAll('.laion-thumb').length === n",
-                               arg=min(PAGE_SIZE, summary['saved'] - PAGE_SIZE))
+    types = [r.locator('td').nth(1).inner_text() for r in page.locator('tr.laion-error-row').all()]
+    assert types == [kind] * min(SAMPLES, n), types
+    page.screenshot(path=str(ARTIFACTS/'widgets_browser_controls.png'))
 
 
 def test_gallery_and_breakdown_render_in_jupyterlab(tmp_path):
@@ -211,6 +260,7 @@ def test_gallery_and_breakdown_render_in_jupyterlab(tmp_path):
     summary = records.summarize(root/'out')
     assert summary['saved'] > 0 and summary['failed'] > 0, summary
     failed_index = records.read_failed(root/'out')['index'].tolist()
+    saved = records.read_saved(root/'out')
 
     port, token = free_port(), secrets.token_hex(16)
     base = f'http://127.0.0.1:{port}'
@@ -237,6 +287,7 @@ def test_gallery_and_breakdown_render_in_jupyterlab(tmp_path):
                 try:
                     run_all_cells(page, base, token, 'widgets_check.ipynb')
                     check_widgets(page, summary, failed_index)
+                    check_controls(page, saved, summary)
                 except Exception:
                     ARTIFACTS.mkdir(exist_ok=True)
                     page.screenshot(path=str(ARTIFACTS/'widgets_browser_failure.png'))

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from laion_nb import records
-from laion_nb.widgets import NO_STATUS, ErrorBreakdown, Gallery, LiveProgress, domains
+from laion_nb.widgets import ERROR_COLOR, NO_STATUS, SAVED_COLOR, ErrorBreakdown, Gallery, LiveProgress, domains
 
 FAILURES = [('http_status', 404, 'HTTP 404 Not Found', 1), ('timeout', None, 'no answer within 10 s', 4),
             ('http_status', 503, 'HTTP 503 Service Unavailable', 4), ('not_image', None, 'text/html is not an image', 1),
@@ -83,7 +83,7 @@ def test_gallery_controls(tmp_path):
     assert g.page == 1
 
     captions = saved['caption'].tolist()
-    g.search_box.value = 'cat'  # 'a red cat' and 'A CATHEDRAL'
+    g.search('cat')  # 'a red cat' and 'A CATHEDRAL'
     hits = [c for c in captions if 'cat' in c.lower()]
     assert g.matches == len(hits) and g.page == 0
     assert g.page_rows['caption'].tolist() == hits[:10]
@@ -102,6 +102,38 @@ def test_gallery_controls(tmp_path):
     assert again.page_rows['index'].tolist() == shown
     g.random_button.click()
     assert g.page_rows['index'].tolist() != shown
+
+
+def test_search_as_you_type(tmp_path):
+    "Keystrokes change the box's value one by one; one search runs after the pause, on the kernel's or a timer's thread."
+    out = write_output(tmp_path)
+    captions = records.read_saved(out)['caption'].tolist()
+    g = Gallery(out, page_size=10, debounce=0.5)
+    assert g.search_box.continuous_update
+    for text in ('c', 'ca', 'cat'): g.search_box.value = text
+    assert (g.searches, g.matches, g.query) == (0, 60, '')  # still typing
+    g._timer.join(timeout=10)
+    hits = [c for c in captions if 'cat' in c.lower()]
+    assert (g.searches, g.matches, g.query) == (1, len(hits), 'cat')
+    assert g.page_rows['caption'].tolist() == hits[:10] and g.search_box.value == 'cat'
+    g.next_page()
+    g.search_box.value = 'cat '  # the same search: the page stays
+    g._timer.join(timeout=10)
+    assert (g.searches, g.page) == (1, 1)
+    g.search_box.value = ''  # clearing the box shows everything again
+    g._timer.join(timeout=10)
+    assert (g.searches, g.matches, g.page_label.value) == (2, 60, 'page 1 of 6 · 60 images')
+
+    errors = []  # typing while the page is clicked, from two threads: the state stays whole
+    def click():
+        try:
+            for _ in range(200): g.next_page(); g.prev_page()
+        except Exception as e: errors.append(e)
+    clicker = threading.Thread(target=click); clicker.start()
+    for text in ('b', 'bo', 'boat', 'boa', 'boat'): g.search_box.value = text
+    clicker.join(timeout=60); g._timer.join(timeout=10)
+    assert not errors and g.query == 'boat' and g.matches == sum('boat' in c for c in captions)
+    assert len(g.grid.children) == len(g.page_rows) == min(10, g.matches)
 
 
 def test_thumbnails_small_and_missing_files(tmp_path):
@@ -129,12 +161,14 @@ def test_breakdown_equals_records(tmp_path):
         size = write_image(out/'images'/'0.jpg', 0)
         log.saved(records.Saved(0, 'images/0.jpg', 'http://img0.example/0.jpg', 'now saved', 200, 150, size, ''))
         log.failed(records.Failed(3, 'http://img3.example/3.jpg', 'reset', None, 'connection reset', 4))
+        log.failed(records.Failed(6, 'http://img6.example/6.jpg', 'internal', None, 'a bug: KeyError', 1))  # a newer type
     summary = records.summarize(out)
     failed = records.read_failed(out)
     eb = ErrorBreakdown(out, samples=5)
     assert eb.summary == summary
     assert eb.outcome['count'].to_dict() == {'saved': summary['saved'], 'failed': summary['failed']}
-    assert eb.by_type['count'].to_dict() == summary['by_type'] and 'reset' in summary['by_type']
+    assert eb.by_type['count'].to_dict() == summary['by_type'] and {'reset', 'internal'} <= set(summary['by_type'])
+    assert 'internal (1)' in [label for label, _ in eb.type_select.options]
     assert {k: v for k, v in eb.by_status['count'].items() if k != NO_STATUS} == summary['by_status']
     assert eb.by_status['count'][NO_STATUS] == failed['status'].isna().sum()
     assert eb.by_attempts['count'].to_dict() == {str(k): v for k, v in sorted(Counter(failed['attempts']).items())}
@@ -155,6 +189,10 @@ def test_breakdown_equals_records(tmp_path):
     assert re.findall(r'class="laion-error-row" data-index="(\d+)"', eb.sample_rows.value) == ['3']
     assert eb.samples('http_status')['index'].tolist() == \
         failed[failed['error_type'] == 'http_status']['index'].head(5).tolist()
+    bars = re.findall(r'data-table="(\w+)" data-key="([^"]+)".*?background:(#\w+)', html)
+    assert {(t, k): c for t, k, c in bars if t == 'outcome'} == {('outcome', 'saved'): SAVED_COLOR,
+                                                                 ('outcome', 'failed'): ERROR_COLOR}
+    assert {c for t, k, c in bars if t != 'outcome'} == {ERROR_COLOR}  # every failure table in the error colour
     text = repr(eb)
     assert f'{summary["attempted"]:,} rows attempted' in text and re.search(r'^reset +1 ', text, re.M)
 
@@ -195,6 +233,72 @@ def test_live_progress_throttled():
     assert p.draws == 2 and p.bar.value == 5000 and 'dns 5,000' in p.stats.value
     p.start(10)  # a second run starts from zero
     assert p.done == 0 and p.bar.value == 0 and p.bar.max == 10
+
+
+def test_live_progress_slow_tail(tmp_path):
+    "The runner's protocol, called directly with real records: in the tail only `waiting` calls come."
+    out = write_output(tmp_path, n=12)
+    recs = [records.Saved(**r) for r in records.read_saved(out).to_dict('records')]
+    recs += [records.Failed(**r) for r in records.read_failed(out).to_dict('records')]
+    p = LiveProgress(interval=0, show=False)
+    p.start(len(recs))
+    p.waiting(8, 10.0)  # nothing done yet: what is in flight is all there is to say
+    assert '8 rows waiting, up to 10 s' in p.stats.value, p.stats.value
+    for r in recs[:9]: p.update(r)
+    p.waiting(4, 30.0)  # 3 rows left, 4 reported in flight (a stale count): the tail
+    assert '4 rows waiting, up to 30 s' in p.stats.value
+    p.waiting(3, 5.5)
+    assert '3 rows waiting, up to 6 s' in p.stats.value and 'left' not in p.stats.value
+    draws, shown = p.draws, p.stats.value
+    p.started -= 3725  # the run began an hour ago: waiting alone moves the clock on screen
+    p.waiting(3, 5.5)
+    assert p.draws == draws + 1 and '1:02:05 elapsed' in p.stats.value and p.stats.value != shown
+    p.update(recs[9])
+    assert '2 rows waiting' in p.stats.value and p.in_flight == 2
+    p.waiting(2, 70)
+    assert '2 rows waiting, up to 1:10' in p.stats.value
+    for r in recs[10:]: p.update(r)
+    p.close()
+    assert p.done == 12 and p.in_flight == 0 and 'waiting' not in p.stats.value
+    assert p.rate == 12 / (p.finished - p.started) and p.rate < 0.01  # the true rate: 12 rows in an hour
+    assert f'{p.rate:.2g} rows/s · 1:02:05 elapsed · done' in p.stats.value and '0.0032 rows/s' in p.stats.value
+    assert f'color:{ERROR_COLOR}' in p.stats.value and f'color:{SAVED_COLOR}' in p.stats.value
+
+
+def test_live_progress_waiting_throttled():
+    p = LiveProgress(interval=3600, show=False)
+    p.start(10)
+    for k in range(1000): p.waiting(10, 5.0)
+    assert p.draws == 1 and 'waiting' not in p.stats.value  # stored, not drawn
+    p.close()
+    assert p.draws == 2
+    p.start(10)  # a new run forgets what was in flight
+    assert p.in_flight == 0 and p.draws == 3
+
+
+def test_live_progress_shows_once_in_a_kernel(tmp_path):
+    "In a real kernel, as JupyterLab runs it: one panel per cell, whatever the cell does."
+    import nbformat
+    from nbclient import NotebookClient
+    out = write_output(tmp_path/'out', n=12)
+    setup = (f"from laion_nb import records\nfrom laion_nb.widgets import LiveProgress\n"
+             f"recs = [records.Saved(**r) for r in records.read_saved({str(out)!r}).to_dict('records')]")
+    run = "p.start(len(recs))\nfor r in recs: p.update(r)\np.close()\n"
+    cells = [setup,
+             "p = LiveProgress()\n" + run + "p",          # start shows it, the cell ends with it
+             "display(p)\ndisplay(p)\np",                  # a later cell: shown there, once
+             run,                                         # a second run in a new cell shows it there
+             "quiet = LiveProgress(show=False)\nquiet.start(1)\nquiet.close()",  # show=False: not on start
+             "quiet"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(nb, timeout=120, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
+    views = [[o for o in c.outputs if 'application/vnd.jupyter.widget-view+json' in o.get('data', {})] for c in nb.cells]
+    errors = [o for c in nb.cells for o in c.outputs if o.output_type == 'error']
+    assert not errors, errors
+    assert [len(v) for v in views] == [0, 1, 1, 1, 0, 1]
+    model = {v[0]['data']['application/vnd.jupyter.widget-view+json']['model_id'] for v in views[1:4]}
+    assert len(model) == 1  # the same live panel each time
+    assert 'LiveProgress: 8/8 rows (100%)' in views[1][0]['data']['text/plain']
 
 
 def test_bad_dirs(tmp_path):
