@@ -19,14 +19,12 @@ from .fetch import FetchConfig, Fetcher
 from .images import ImageRules, check_image
 
 # %% auto #0
-__all__ = ['DEFAULT_METADATA', 'DEFAULT_OUTPUT', 'MAX_TIMEOUT', 'IMAGES_DIR', 'STOP_GRACE', 'TICK', 'timeout_problem',
+__all__ = ['MAX_TIMEOUT', 'DEFAULT_METADATA', 'DEFAULT_OUTPUT', 'IMAGES_DIR', 'STOP_GRACE', 'TICK', 'timeout_problem',
            'DownloadConfig', 'image_path', 'url_problem', 'url_text', 'internal_failure', 'Aborted', 'write_atomic',
            'clean_temp_files', 'Downloader', 'missing_images', 'done_indices', 'pending_rows', 'RowPool', 'run_rows',
            'TextProgress', 'DownloadReport', 'open_run', 'end_run', 'download', 'main']
 
-# %% ../nbs/03_download.ipynb #ad22d484
-DEFAULT_METADATA = 'data_formal_alin/laion-1m-vit-h-14/metadate/metadata_000.parquet'
-DEFAULT_OUTPUT = 'data_formal_alin/laion-1m-vit-h-14'
+# %% ../nbs/03_download.ipynb #fb63d0f5
 MAX_TIMEOUT = 3600.0  # seconds per attempt: anything longer is a typo (or `inf`), not a setting
 
 def timeout_problem(v) -> str|None:
@@ -35,6 +33,10 @@ def timeout_problem(v) -> str|None:
     if not math.isfinite(v): return f'timeout must be a finite number of seconds, got {v}'
     if v <= 0: return f'timeout must be > 0 seconds, got {v:g}'
     if v > MAX_TIMEOUT: return f'timeout must be at most {MAX_TIMEOUT:g} seconds (an hour per attempt), got {v:g}'
+
+# %% ../nbs/03_download.ipynb #ad22d484
+DEFAULT_METADATA = 'data_formal_alin/laion-1m-vit-h-14/metadate/metadata_000.parquet'
+DEFAULT_OUTPUT = 'data_formal_alin/laion-1m-vit-h-14'
 
 @dataclass
 class DownloadConfig:
@@ -560,22 +562,6 @@ download_errors.jsonl (append-only log of failures) and download_errors.json (su
 latest failure of each row). A rerun skips what is done and retries transient failures.
 '''
 
-def _seconds(s:str) -> float:
-    "The `--timeout` flag's type: a finite number of seconds, above 0 and at most `MAX_TIMEOUT`."
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f'not a number of seconds: {s!r}') from None
-    if (problem := timeout_problem(v)): raise argparse.ArgumentTypeError(problem.removeprefix('timeout '))
-    return v
-
-_FLAG_OF = {'max_samples': '--max-samples', 'timeout': '--timeout', 'retries': '--retry', 'threads': '--threads',
-            'processes': '--processes', 'per_host': '--per-host', 'resize': '--resize', 'max_bytes': '--max-bytes'}
-
-def _flag_error(msg:str) -> str:
-    "A configuration error, led by the flag it is about."
-    for name, flag in _FLAG_OF.items():
-        if re.search(rf'\b{name}\b', msg): return f'{flag}: {msg}'
-    return msg
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='download_laion_images', epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description='Download the images of a LAION-style dump, check them, and record every failure.')
@@ -629,6 +615,23 @@ def main(argv:list[str]|None=None) -> int:
         print('interrupted: every finished row is recorded; run the same command again to resume', file=sys.stderr)
         return 130
     return 0
+
+# %% ../nbs/03_download.ipynb #6be640a8
+def _seconds(s:str) -> float:
+    "The `--timeout` flag's type: a finite number of seconds, above 0 and at most `MAX_TIMEOUT`."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'not a number of seconds: {s!r}') from None
+    if (problem := timeout_problem(v)): raise argparse.ArgumentTypeError(problem.removeprefix('timeout '))
+    return v
+
+_FLAG_OF = {'max_samples': '--max-samples', 'timeout': '--timeout', 'retries': '--retry', 'threads': '--threads',
+            'processes': '--processes', 'per_host': '--per-host', 'resize': '--resize', 'max_bytes': '--max-bytes'}
+
+def _flag_error(msg:str) -> str:
+    "A configuration error, led by the flag it is about."
+    for name, flag in _FLAG_OF.items():
+        if re.search(rf'\b{name}\b', msg): return f'{flag}: {msg}'
+    return msg
 
 # %% ../nbs/03_download.ipynb #9a0b7e0b
 #| eval: false
