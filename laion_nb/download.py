@@ -550,6 +550,23 @@ def download(cfg:DownloadConfig, progress='auto') -> DownloadReport:
               f'data); the next run tries them again; their messages are in {records.ERRORS_FILE}', file=sys.stderr)
     return rep
 
+# %% ../nbs/03_download.ipynb #6be640a8
+def _seconds(s:str) -> float:
+    "The `--timeout` flag's type: a finite number of seconds, above 0 and at most `MAX_TIMEOUT`."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'not a number of seconds: {s!r}') from None
+    if (problem := timeout_problem(v)): raise argparse.ArgumentTypeError(problem.removeprefix('timeout '))
+    return v
+
+_FLAG_OF = {'max_samples': '--max-samples', 'timeout': '--timeout', 'retries': '--retry', 'threads': '--threads',
+            'processes': '--processes', 'per_host': '--per-host', 'resize': '--resize', 'max_bytes': '--max-bytes'}
+
+def _flag_error(msg:str) -> str:
+    "A configuration error, led by the flag it is about."
+    for name, flag in _FLAG_OF.items():
+        if re.search(rf'\b{name}\b', msg): return f'{flag}: {msg}'
+    return msg
+
 # %% ../nbs/03_download.ipynb #bac5410a
 _EPILOG = '''\
 Examples:
@@ -615,23 +632,6 @@ def main(argv:list[str]|None=None) -> int:
         print('interrupted: every finished row is recorded; run the same command again to resume', file=sys.stderr)
         return 130
     return 0
-
-# %% ../nbs/03_download.ipynb #6be640a8
-def _seconds(s:str) -> float:
-    "The `--timeout` flag's type: a finite number of seconds, above 0 and at most `MAX_TIMEOUT`."
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f'not a number of seconds: {s!r}') from None
-    if (problem := timeout_problem(v)): raise argparse.ArgumentTypeError(problem.removeprefix('timeout '))
-    return v
-
-_FLAG_OF = {'max_samples': '--max-samples', 'timeout': '--timeout', 'retries': '--retry', 'threads': '--threads',
-            'processes': '--processes', 'per_host': '--per-host', 'resize': '--resize', 'max_bytes': '--max-bytes'}
-
-def _flag_error(msg:str) -> str:
-    "A configuration error, led by the flag it is about."
-    for name, flag in _FLAG_OF.items():
-        if re.search(rf'\b{name}\b', msg): return f'{flag}: {msg}'
-    return msg
 
 # %% ../nbs/03_download.ipynb #9a0b7e0b
 #| eval: false
