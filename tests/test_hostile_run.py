@@ -175,14 +175,16 @@ def test_progress_keeps_moving_in_the_slow_tail(server, tmp_path):
     assert rec.calls[0] == ('start', 42) and rec.calls[-1] == ('close',)
     # the text bar: redrawn in the tail with what is in flight, and ending on the report's rate
     buf = io.StringIO()
-    rep = bounded(cfg_for(tmp_path/'d.parquet', tmp_path/'b', retries=0, timeout=1.5), progress=TextProgress(file=buf))
+    rep = bounded(cfg_for(tmp_path/'d.parquet', tmp_path/'b', retries=0, timeout=3), progress=TextProgress(file=buf))
     text = buf.getvalue()
     assert re.search(r'2 waiting, up to \d+ s', text), text
     final = text.rsplit('\r', 1)[-1]
     m = re.search(r'([\d.]+)(img/s|s/img)', final)
     assert m, final
     rate = float(m[1]) if m[2] == 'img/s' else 1 / float(m[1])
-    assert 0.7 < rate / rep.urls_per_s < 1.3, (final, repr(rep))  # the tqdm default (EMA of the bursts) said 3-10x more
+    # the report's clock also counts opening the dump, a small part of a run with a 3 s tail; tqdm's
+    # default rate (a moving average of the bursts) said 3 to 10 times the report's here
+    assert 0.75 < rate / rep.urls_per_s < 1.33, (final, repr(rep))
     assert 'waiting' not in final
 
 
