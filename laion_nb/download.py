@@ -354,10 +354,12 @@ def run_rows(cfg:DownloadConfig, rows:Iterable[tuple[int, str, str]],
 class TextProgress:
     "A `tqdm.auto` bar: saved and failed counts, what is in flight in the slow tail, redrawn on a timer; the rate is the run's mean."
     def __init__(self, interval:float=0.25, # seconds between two redraws at most
-                 file=None):                # where the bar goes (tqdm's default: stderr)
+                 file=None):                # a text bar into this file (default: tqdm.auto's choice, a widget in a notebook)
         self.interval, self.file, self.bar, self.counts = interval, file, None, Counter()
     def start(self, total:int):
-        from tqdm.auto import tqdm  # smoothing=0: the rate shown is rows done / elapsed, as in the report
+        if self.file is None: from tqdm.auto import tqdm
+        else: from tqdm import tqdm
+        # smoothing=0: the rate shown is rows done / elapsed, as in the report, not a moving average of bursts
         self.bar = tqdm(total=total, unit='img', mininterval=self.interval, smoothing=0, dynamic_ncols=True, file=self.file)
         self.total, self._tail, self._last = total, '', time.monotonic()
         self._seen = self._last
