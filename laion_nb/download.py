@@ -225,7 +225,7 @@ class RowPool:
         self.cfg, self.emit, self.waiting, self.deadline = cfg, emit, waiting, cfg.row_deadline
         self.dl, self.limits = Downloader(cfg, tmp_dir), _HostLimits(cfg.per_host)
         self.todo, self.lock = queue.Queue(maxsize=cfg.threads * 2), threading.Lock()
-        self.running, self.claimed, self.abandoned, self.threads = {}, set(), set(), []
+        self.running, self.abandoned, self.threads = {}, set(), []
         self.count, self.closed, self.broken, self._ticked = 0, False, None, 0.0
         for _ in range(cfg.threads): self._spawn()
 
@@ -243,32 +243,32 @@ class RowPool:
 # %% ../nbs/03_download.ipynb #2c705cd7
 @patch
 def _row(self:RowPool, me, row):
-    "The record of `row`, or None when the run stopped or the backstop gave up on it; never raises."
+    "The record of `row`, or None when the run stopped or the backstop recorded it already; never raises."
     i, url, cap = row
-    flight = None
+    flight = rec = None
     try:
         if (bad := url_problem(i, url)): return records.Failed(i, url_text(url), 'invalid_url', None, bad, 1)
         sem = self.limits(url); sem.acquire()
         flight = _Flight(row, sem)
         with self.lock: self.running[me] = flight
         rec = self.dl.one(i, url, cap, abort=flight.abort)
-        if flight.abandoned and isinstance(rec, records.Saved):  # put in place just as the backstop gave up: take it back
-            (self.dl.out_dir/rec.path).unlink(missing_ok=True)
-        return rec
-    except Aborted: return None
-    except Exception as e: return internal_failure(i, url, e)
-    finally:
-        if flight is not None:
-            with self.lock:
-                self.running.pop(me, None)
-                if not flight.abandoned: flight.sem.release()  # the backstop released an abandoned row's slot
+    except Aborted: rec = None
+    except Exception as e: rec = internal_failure(i, url, e)
+    if flight is None: return rec
+    with self.lock:  # under the lock the backstop takes too: the row is either ours to record or its
+        self.running.pop(me, None)
+        given_up = flight.abandoned
+        if not given_up: flight.sem.release()  # the backstop released a given-up row's slot itself
+    if not given_up: return rec
+    if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)  # put in place just too late
+    return None
 
 @patch
 def _finish(self:RowPool, rec):
-    "Pass `rec` to `emit` unless its row has a record already; a record `emit` fails on becomes an `internal` one."
+    "Pass `rec` to `emit`; a record `emit` fails on becomes an `internal` one."
     with self.lock:
-        if self.closed or rec.index in self.claimed: return
-        self.claimed.add(rec.index); self.count += 1
+        if self.closed: return
+        self.count += 1
         try: return self.emit(rec)
         except Exception as e: err = e
         try: self.emit(internal_failure(rec.index, rec.url, err))
