@@ -4,12 +4,14 @@
 
 # %% ../nbs/03_download.ipynb #524a0cb3
 from __future__ import annotations
-import argparse, hashlib, multiprocessing as mp, os, queue, sys, threading, time, traceback
+import argparse, hashlib, math, multiprocessing as mp, numbers, os, queue, re, sys, threading, time, traceback
 from collections import Counter
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
+
+from fastcore.basics import patch
 
 from . import records
 from .errors import SampleError, is_transient
@@ -17,9 +19,20 @@ from .fetch import FetchConfig, Fetcher
 from .images import ImageRules, check_image
 
 # %% auto #0
-__all__ = ['DEFAULT_METADATA', 'DEFAULT_OUTPUT', 'IMAGES_DIR', 'STOP_GRACE', 'DownloadConfig', 'image_path', 'Aborted',
-           'write_atomic', 'clean_temp_files', 'Downloader', 'done_indices', 'pending_rows', 'run_rows', 'TextProgress',
-           'DownloadReport', 'open_run', 'end_run', 'download', 'main']
+__all__ = ['MAX_TIMEOUT', 'DEFAULT_METADATA', 'DEFAULT_OUTPUT', 'IMAGES_DIR', 'STOP_GRACE', 'TICK', 'timeout_problem',
+           'DownloadConfig', 'image_path', 'url_problem', 'url_text', 'internal_failure', 'Aborted', 'write_atomic',
+           'clean_temp_files', 'Downloader', 'missing_images', 'done_indices', 'pending_rows', 'RowPool', 'run_rows',
+           'TextProgress', 'DownloadReport', 'open_run', 'end_run', 'download', 'main']
+
+# %% ../nbs/03_download.ipynb #fb63d0f5
+MAX_TIMEOUT = 3600.0  # seconds per attempt: anything longer is a typo (or `inf`), not a setting
+
+def timeout_problem(v) -> str|None:
+    "What is wrong with `v` as a timeout in seconds, or None."
+    if isinstance(v, bool) or not isinstance(v, numbers.Real): return f'timeout must be a number of seconds, got {v!r}'
+    if not math.isfinite(v): return f'timeout must be a finite number of seconds, got {v}'
+    if v <= 0: return f'timeout must be > 0 seconds, got {v:g}'
+    if v > MAX_TIMEOUT: return f'timeout must be at most {MAX_TIMEOUT:g} seconds (an hour per attempt), got {v:g}'
 
 # %% ../nbs/03_download.ipynb #ad22d484
 DEFAULT_METADATA = 'data_formal_alin/laion-1m-vit-h-14/metadate/metadata_000.parquet'
@@ -49,6 +62,7 @@ class DownloadConfig:
             if getattr(self, name) < 1: raise ValueError(f'{name} must be at least 1, got {getattr(self, name)}')
         if self.processes is not None and self.processes < 1: raise ValueError(f'processes must be at least 1, got {self.processes}')
         if self.max_samples is not None and self.max_samples < 0: raise ValueError(f'max_samples must be >= 0, got {self.max_samples}')
+        if (problem := timeout_problem(self.timeout)): raise ValueError(problem)
         self.fetch_config(); self.image_rules()  # validates timeout, retries, resize
 
     def fetch_config(self) -> FetchConfig:
@@ -68,8 +82,40 @@ def image_path(index:int) -> str:
     "Where image `index` goes, relative to the output dir."
     return f'{IMAGES_DIR}/{index}.jpg'
 
+def _a(v) -> str:
+    if isinstance(v, bool): return 'a boolean'
+    if isinstance(v, numbers.Integral): return 'an int'
+    if isinstance(v, numbers.Real): return 'a float'
+    if isinstance(v, (bytes, bytearray, memoryview)): return 'bytes'
+    if isinstance(v, (list, tuple)) or type(v).__name__ == 'ndarray': return 'a list'
+    return 'a struct' if isinstance(v, dict) else f'a {type(v).__name__}'
+
+def url_problem(index:int, url) -> str|None:
+    "Why row `index`'s URL cannot even be parsed (null, empty, not a string), or None."
+    if url is None or (isinstance(url, float) and url != url): return f'row {index}: URL is null'
+    if not isinstance(url, str): return f'row {index}: URL is {_a(url)}, not a string'
+    if not url.strip(): return f'row {index}: URL is empty'
+
+def url_text(url) -> str:
+    "`url` as the string a record keeps ('' for a null)."
+    if url is None or (isinstance(url, float) and url != url): return ''
+    if isinstance(url, (bytes, bytearray)): return bytes(url).decode('utf-8', 'replace')
+    return url if isinstance(url, str) else str(url.tolist() if hasattr(url, 'tolist') else url)[:500]
+
+def internal_failure(index:int, url, e:BaseException) -> records.Failed:
+    "A crash of our own code on row `index` as its record: `internal` (tried again next run), never the data's fault."
+    tb = traceback.extract_tb(e.__traceback__)
+    at = f' at {Path(tb[-1].filename).name}:{tb[-1].lineno}' if tb else ''
+    return records.Failed(index, url_text(url), 'internal', None, f'row {index}: internal error{at}: {type(e).__name__}: {e}', 1)
+
+# %% ../nbs/03_download.ipynb #fd7d68d9
 class Aborted(Exception):
-    "The run stopped before this row's image was put in place."
+    "The run stopped (or gave up on this row) before its image was put in place."
+
+class _AnySet:
+    "Set when any of `events` is: the run's stop, or the backstop giving up on one row."
+    def __init__(self, *events): self.events = events
+    def is_set(self): return any(e.is_set() for e in self.events)
 
 def write_atomic(path:Path, data:bytes, tmp_dir:Path|None=None, abort:threading.Event|None=None):
     "Write `data` to `path` through a temp file (in `tmp_dir`, on the same filesystem, else beside it) and a rename; not if `abort` is set."
@@ -87,8 +133,9 @@ def clean_temp_files(out_dir:str|Path) -> int:
             if e.name.startswith('.') and e.name.endswith('.tmp'): os.unlink(e.path); n += 1
     return n
 
+# %% ../nbs/03_download.ipynb #fcded17d
 class Downloader:
-    "Turns one row into a `records.Saved` or `records.Failed`, writing the image into `out_dir`."
+    "Turns one row into a `records.Saved` or `records.Failed`, writing the image into `out_dir`; never raises for a row."
     def __init__(self, cfg:DownloadConfig,
                  tmp_dir:Path|None=None):  # where temp files go (default: `images/`)
         self.cfg, self.out_dir, self.tmp_dir = cfg, Path(cfg.output_dir), tmp_dir
@@ -96,39 +143,60 @@ class Downloader:
         self.aborted = threading.Event()  # set when the run stops: no image is put in place after that
         (self.out_dir/IMAGES_DIR).mkdir(parents=True, exist_ok=True)
 
-    def one(self, index:int, url:str, caption:str) -> records.Saved|records.Failed:
+    def one(self, index:int, url:str, caption:str,
+            abort:threading.Event|None=None,  # set when the run gives up on this row: its image is not put in place
+           ) -> records.Saved|records.Failed:
         "Fetch, check and store row `index`."
+        if (bad := url_problem(index, url)): return records.Failed(index, url_text(url), 'invalid_url', None, bad, 1)
         res = None
         try:
             res = self.fetcher.get(url)
             img = check_image(res.content, self.rules)
             rel = image_path(index)
-            write_atomic(self.out_dir/rel, img.data, self.tmp_dir, self.aborted)
+            write_atomic(self.out_dir/rel, img.data, self.tmp_dir, self.aborted if abort is None else _AnySet(self.aborted, abort))
             return records.Saved(index, rel, url, caption, img.width, img.height, len(img.data),
                                  hashlib.sha256(img.data).hexdigest())
         except SampleError as e:  # from the fetch, or from the checks of a body that arrived (status 200)
             status, attempts = (e.status, e.attempts) if res is None else (res.status, res.attempts)
             return records.Failed(index, url, e.error_type, status, e.message, attempts)
+        except Aborted: raise
+        except Exception as e: return internal_failure(index, url, e)  # our bug, or the disk: not the data's fault
 
 # %% ../nbs/03_download.ipynb #1ac12f4b
-def done_indices(out_dir:str|Path, retry_failed:bool=False) -> set[int]:
-    "The rows of `out_dir` a new run skips: saved ones, and permanently failed ones unless `retry_failed`."
+def missing_images(out_dir:str|Path, saved:pd.DataFrame) -> list[int]:
+    "The rows of `saved` whose image file is gone from `out_dir/images/` (the folder is listed once)."
+    folder = Path(out_dir)/IMAGES_DIR
+    if saved.empty: return []
+    names = set()
+    if folder.is_dir():
+        with os.scandir(folder) as it: names = {e.name for e in it}
+    files = saved['path'].astype(str).str.rpartition('/')[2]
+    return saved['index'][~files.isin(names)].astype(int).tolist()
+
+def done_indices(out_dir:str|Path, retry_failed:bool=False,
+                 missing:list|None=None,  # gets the saved rows whose file is gone (they are not done)
+                ) -> set[int]:
+    "The rows of `out_dir` a new run skips: saved ones still on disk, and permanently failed ones unless `retry_failed`."
     saved = records.read_saved(out_dir)
+    gone = missing_images(out_dir, saved)
+    if gone:  # saved once, deleted since: take the records back, so the row is fetched again and not counted as saved
+        records.forget_saved(out_dir, gone); saved = saved[~saved['index'].isin(gone)]
+        if missing is not None: missing.extend(gone)
     done = set(saved['index'].tolist())
     if not retry_failed:
         failed = records.read_failed(out_dir, saved=saved)
         for i, t, s in zip(failed['index'], failed['error_type'], failed['status']):
             if not is_transient(t, None if s != s or s is None else int(s)): done.add(int(i))
-    return done
+    return done.difference(gone)
 
-def pending_rows(dump:Dump, done:set[int], stop:int|None=None, start:int=0, batch_size:int=8192) -> Iterator[tuple[int, str, str]]:
-    "Stream `(index, url, caption)` of the rows `start` to `stop` of `dump` that are not `done`."
+def pending_rows(dump:Dump, done:set[int], stop:int|None=None, start:int=0, batch_size:int=8192) -> Iterator[tuple[int, object, str]]:
+    "Stream `(index, url, caption)` of the rows `start` to `stop` of `dump` that are not `done`; a null URL is None."
     limit = None if stop is None else max(0, stop - start)
     for b in dump.batches(('index', 'url', 'caption'), start=start, limit=limit, batch_size=batch_size):
-        idx = b['index'].to_numpy()
-        urls, caps = b['url'].tolist(), b['caption'].tolist()
+        idx, url = b['index'].to_numpy(), b['url']
+        urls, caps = url.astype(object).where(url.notna(), None).tolist(), b['caption'].tolist()
         for k, i in enumerate(idx.tolist()):
-            if i not in done: yield i, urls[k] or '', caps[k] if isinstance(caps[k], str) else ''
+            if i not in done: yield i, urls[k], caps[k] if isinstance(caps[k], str) else ''
 
 # %% ../nbs/03_download.ipynb #63e40bc9
 class _HostLimits:
@@ -142,100 +210,177 @@ class _HostLimits:
             with self._lock: sem = self._sems.setdefault(host, threading.BoundedSemaphore(self.n))
         return sem
 
-STOP_GRACE = 2.0  # seconds the rows in flight get to finish when a run is interrupted
+class _Flight:
+    "A row in flight: the row, when it started, its host slot, and the flag that gives it up."
+    def __init__(self, row, sem): self.row, self.t0, self.sem, self.abort, self.abandoned = row, time.monotonic(), sem, threading.Event(), False
 
+STOP_GRACE = 2.0  # seconds the rows in flight get to finish when a run is interrupted
+TICK = 0.25       # seconds between two looks of the main thread at the rows in flight
+
+class RowPool:
+    "`cfg.threads` worker threads over a bounded queue of rows; every row put in ends as exactly one record."
+    def __init__(self, cfg:DownloadConfig, emit:Callable, # called with each record, from the worker threads, under a lock
+                 tmp_dir:Path|None=None,    # where temp files go (default: `images/`)
+                 waiting:Callable|None=None): # called every `TICK` with (rows in flight, seconds the oldest may still take)
+        self.cfg, self.emit, self.waiting, self.deadline = cfg, emit, waiting, cfg.row_deadline
+        self.dl, self.limits = Downloader(cfg, tmp_dir), _HostLimits(cfg.per_host)
+        self.todo, self.lock = queue.Queue(maxsize=cfg.threads * 2), threading.Lock()
+        self.running, self.abandoned, self.threads = {}, set(), []
+        self.count, self.closed, self.broken, self._ticked = 0, False, None, 0.0
+        for _ in range(cfg.threads): self._spawn()
+
+    def _spawn(self):
+        t = threading.Thread(target=self._work, daemon=True, name=f'laion_nb-{len(self.threads)}')
+        self.threads.append(t); t.start()
+
+    def _work(self):
+        me = threading.current_thread()
+        while (row := self.todo.get()) is not None:
+            rec = self._row(me, row)
+            if rec is not None: self._finish(rec)
+            if me in self.abandoned: return  # the backstop gave up on its row and started a replacement
+
+# %% ../nbs/03_download.ipynb #2c705cd7
+@patch
+def _row(self:RowPool, me, row):
+    "The record of `row`, or None when the run stopped or the backstop recorded it already; never raises."
+    i, url, cap = row
+    flight = rec = None
+    try:
+        if (bad := url_problem(i, url)): return records.Failed(i, url_text(url), 'invalid_url', None, bad, 1)
+        sem = self.limits(url); sem.acquire()
+        flight = _Flight(row, sem)
+        with self.lock: self.running[me] = flight
+        rec = self.dl.one(i, url, cap, abort=flight.abort)
+    except Aborted: rec = None
+    except Exception as e: rec = internal_failure(i, url, e)
+    if flight is None: return rec
+    with self.lock:  # under the lock the backstop takes too: the row is either ours to record or its
+        self.running.pop(me, None)
+        given_up = flight.abandoned
+        if not given_up: flight.sem.release()  # the backstop released a given-up row's slot itself
+    if not given_up: return rec
+    if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)  # put in place just too late
+    return None
+
+@patch
+def _finish(self:RowPool, rec):
+    "Pass `rec` to `emit`; a record `emit` fails on becomes an `internal` one."
+    with self.lock:
+        if self.closed: return
+        self.count += 1
+        try: return self.emit(rec)
+        except Exception as e: err = e
+        try: self.emit(internal_failure(rec.index, rec.url, err))
+        except Exception as e: self.broken = self.broken or e  # no record can be written (disk full?): the run stops with it
+
+# %% ../nbs/03_download.ipynb #73cc6aa2
+@patch
+def watch(self:RowPool):
+    "At most every `TICK`: record the rows past `row_deadline` as timeouts and replace their threads; tell `waiting`."
+    now = time.monotonic()
+    if now - self._ticked < TICK: return
+    self._ticked = now
+    with self.lock:
+        late = [(t, f) for t, f in self.running.items() if not f.abandoned and now - f.t0 > self.deadline]
+        for t, f in late: f.abandoned = True; f.abort.set(); f.sem.release(); self.abandoned.add(t)
+        starts = [f.t0 for f in self.running.values() if not f.abandoned]
+    for t, f in late:
+        i, url, _ = f.row
+        self._finish(records.Failed(i, url_text(url), 'timeout', None, f'row {i}: no result within the hard deadline '
+                                    f'of {self.deadline:g} s; given up on, and tried again by the next run', 1))
+        self._spawn()
+    if self.waiting is None: return
+    try: self.waiting(len(starts), max(0.0, self.deadline - (now - min(starts))) if starts else 0.0)
+    except Exception as e:
+        print(f'laion_nb: the progress display failed ({type(e).__name__}: {e}); the run goes on without it', file=sys.stderr)
+        self.waiting = None
+
+# %% ../nbs/03_download.ipynb #2bb5424c
+@patch
+def put(self:RowPool, row, stop:threading.Event) -> bool:
+    "Queue `row`, watching the rows in flight while the queue is full; False if the run stopped."
+    while not stop.is_set() and self.broken is None:
+        self.watch()
+        try: self.todo.put(row, timeout=TICK); return True
+        except queue.Full: pass
+    return False
+
+@patch
+def join(self:RowPool):
+    "Send every worker home once the queue is empty, and wait for the rows in flight, watching them."
+    for _ in range(self.cfg.threads):  # one per live worker: each abandoned one was replaced by exactly one
+        while True:
+            self.watch()
+            try: self.todo.put(None, timeout=TICK); break
+            except queue.Full: pass
+    while alive := [t for t in self.threads if t.is_alive() and t not in self.abandoned]:
+        alive[0].join(TICK); self.watch()
+
+@patch
+def interrupt(self:RowPool):
+    "Take no new row, give the rows in flight `STOP_GRACE` seconds, then record nothing more."
+    try:
+        while True: self.todo.get_nowait()
+    except queue.Empty: pass
+    for _ in self.threads:
+        try: self.todo.put_nowait(None)
+        except queue.Full: break
+    until = time.monotonic() + STOP_GRACE
+    while any(not f.abandoned for f in list(self.running.values())) and time.monotonic() < until: time.sleep(0.05)
+    self.dl.aborted.set()  # a row still running puts no image in place and records nothing: a rerun fetches it
+    with self.lock: self.closed = True
+
+# %% ../nbs/03_download.ipynb #7f2005c0
 def run_rows(cfg:DownloadConfig, rows:Iterable[tuple[int, str, str]],
              emit:Callable,                  # called with each record, from the worker threads, under a lock
              stop:threading.Event|None=None, # set it to stop taking new rows
              tmp_dir:Path|None=None,         # where temp files go (default: `images/`)
+             waiting:Callable|None=None,     # called about 4 times a second with (rows in flight, seconds the oldest may take)
             ) -> int:
-    "Download `rows` with `cfg.threads` threads; returns the number of rows done."
-    dl, limits = Downloader(cfg, tmp_dir), _HostLimits(cfg.per_host)
-    stop = stop or threading.Event()
-    todo, lock = queue.Queue(maxsize=cfg.threads * 2), threading.Lock()
-    running, claimed, count, closed = {}, set(), [0], False
-
-    def finish(rec):
-        with lock:
-            if closed or rec.index in claimed: return
-            claimed.add(rec.index); count[0] += 1
-            emit(rec)
-
-    def work():
-        me = threading.get_ident()
-        while True:
-            row = todo.get()
-            if row is None: return
-            i, url, cap = row
-            with limits(url):
-                running[me] = (row, time.monotonic())
-                try: rec = dl.one(i, url, cap)
-                except Aborted: rec = None
-                except Exception as e:  # a bug, not the web: record it rather than lose the row
-                    rec = records.Failed(i, url, 'corrupt', None, f'internal error: {type(e).__name__}: {e}', 1)
-                finally: running.pop(me, None)
-            if rec is not None: finish(rec)
-
-    threads = [threading.Thread(target=work, daemon=True, name=f'laion_nb-{k}') for k in range(cfg.threads)]
-    for t in threads: t.start()
+    "Download `rows` with `cfg.threads` threads, each ending as one record passed to `emit`; returns how many."
+    pool, stop = RowPool(cfg, emit, tmp_dir, waiting), stop or threading.Event()
     try:
         for row in rows:
-            while not stop.is_set():
-                try: todo.put(row, timeout=0.2); break
-                except queue.Full: pass
-            if stop.is_set(): break
-    except BaseException:  # Ctrl-C: take no new row, give the rows in flight a moment, then drop the rest
-        stop.set()
-        try:
-            while True: todo.get_nowait()
-        except queue.Empty: pass
-        for _ in threads: todo.put_nowait(None)
-        until = time.monotonic() + STOP_GRACE
-        while running and time.monotonic() < until: time.sleep(0.05)
-        dl.aborted.set()  # a row still running puts no image in place and records nothing: a rerun fetches it
-        with lock: closed = True
+            if not pool.put(row, stop): break
+        pool.join()
+    except BaseException:  # Ctrl-C, or the rows could not be read
+        stop.set(); pool.interrupt()
         raise
-    else:
-        for _ in threads:
-            while True:
-                try: todo.put(None, timeout=0.2); break
-                except queue.Full:
-                    if not any(t.is_alive() for t in threads): break
-        _wait(threads, running, cfg.row_deadline, finish)
-    return count[0]
-
-def _wait(threads, running, deadline, finish):
-    "Join the threads; rows running past `deadline` are recorded as timeouts and their threads left behind."
-    abandoned = set()
-    while True:
-        alive = [t for t in threads if t.is_alive() and t.ident not in abandoned]
-        if not alive: return
-        alive[0].join(0.25)
-        now = time.monotonic()
-        for ident, ((i, url, cap), t0) in list(running.items()):
-            if now - t0 > deadline and ident not in abandoned:
-                abandoned.add(ident)
-                finish(records.Failed(i, url, 'timeout', None, f'no result within the hard deadline of {deadline:g} s', 1))
+    if pool.broken is not None: raise pool.broken
+    return pool.count
 
 # %% ../nbs/03_download.ipynb #17a4c8d9
 class TextProgress:
-    "A `tqdm.auto` progress bar with saved/failed counts, redrawn a few times a second at most."
-    def __init__(self, interval:float=0.5): self.interval, self.bar, self.counts = interval, None, Counter()
+    "A `tqdm.auto` bar: saved and failed counts, what is in flight in the slow tail, redrawn on a timer; the rate is the run's mean."
+    def __init__(self, interval:float=0.25, # seconds between two redraws at most
+                 file=None):                # a text bar into this file (default: tqdm.auto's choice, a widget in a notebook)
+        self.interval, self.file, self.bar, self.counts = interval, file, None, Counter()
     def start(self, total:int):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, unit='img', mininterval=self.interval, smoothing=0.05, dynamic_ncols=True)
-        self._shown = 0; self._last = time.monotonic()
+        if self.file is None: from tqdm.auto import tqdm
+        else: from tqdm import tqdm
+        # smoothing=0: the rate shown is rows done / elapsed, as in the report, not a moving average of bursts
+        self.bar = tqdm(total=total, unit='img', mininterval=self.interval, smoothing=0, dynamic_ncols=True, file=self.file)
+        self.total, self._tail, self._last = total, '', time.monotonic()
+        self._seen = self._last
     def update(self, rec):
         self.counts['saved' if isinstance(rec, records.Saved) else 'failed'] += 1
-        now = time.monotonic()
+        now = self._seen = time.monotonic()
+        if now - self._last >= self.interval: self._flush(now)
+    def waiting(self, in_flight:int, longest:float):
+        "Redraw; in the slow tail (nothing left to start, or no record for a second) say what is still in flight."
+        now, done = time.monotonic(), sum(self.counts.values())
+        tail = in_flight and (done + in_flight >= self.total or now - self._seen >= 1)
+        self._tail = f'{in_flight:,} waiting, up to {math.ceil(longest):g} s' if tail else ''
         if now - self._last >= self.interval: self._flush(now)
     def _flush(self, now):
-        n = sum(self.counts.values())
-        self.bar.update(n - self._shown); self._shown, self._last = n, now
-        self.bar.set_postfix(saved=self.counts['saved'], failed=self.counts['failed'], refresh=False)
+        self.bar.n, self._last = sum(self.counts.values()), now
+        tail = f', {self._tail}' if self._tail else ''
+        self.bar.set_postfix_str(f'saved={self.counts["saved"]:,}, failed={self.counts["failed"]:,}{tail}', refresh=False)
+        self.bar.refresh()
     def close(self):
         if self.bar is None: return
-        self._flush(time.monotonic()); self.bar.refresh(); self.bar.close()
+        self._tail = ''; self._flush(time.monotonic()); self.bar.close()
 
 def _progress(progress):
     if progress == 'auto': return TextProgress()
@@ -335,6 +480,7 @@ class DownloadReport:
     totals:dict             # the whole output dir: attempted, saved, failed, by_type, by_status
     errors_file:Path|None   # `download_errors.json`, when any row is failed
     interrupted:bool=False
+    missing:int=0           # saved before, but their file was gone from images/: fetched again in this run
 
     @property
     def urls_per_s(self) -> float: return self.attempted / self.seconds if self.seconds else 0.0
@@ -342,7 +488,8 @@ class DownloadReport:
     def __repr__(self):
         t = self.totals
         head = (f'download {"interrupted" if self.interrupted else "done"}: {self.attempted:,} rows tried in {self.seconds:.1f} s '
-                f'({self.urls_per_s:,.1f}/s): {self.saved:,} saved, {self.failed:,} failed; {self.skipped:,} already done\n'
+                f'({self.urls_per_s:,.1f}/s): {self.saved:,} saved, {self.failed:,} failed; {self.skipped:,} already done'
+                f'{f"; {self.missing:,} saved image(s) were gone from images/ and fetched again" if self.missing else ""}\n'
                 f'{self.output_dir}: {t["saved"]:,} of {t["attempted"]:,} rows saved, {t["failed"]:,} failed')
         if not t['by_type']: return head
         w = max(len(k) for k in t['by_type'])
@@ -360,20 +507,21 @@ def open_run(cfg:DownloadConfig):
     records.repair(out); clean_temp_files(out)
     return dump, out, len(dump) if cfg.max_samples is None else min(cfg.max_samples, len(dump))
 
-def end_run(out:Path, rows:int, skipped:int, counts:Counter, t0:float, interrupted:bool) -> DownloadReport:
+def end_run(out:Path, rows:int, skipped:int, counts:Counter, t0:float, interrupted:bool, missing:int=0) -> DownloadReport:
     "Rebuild `download_errors.json` from the logs, and report the run whose outcomes are `counts`."
     saved_df = records.read_saved(out)
     failed_df = records.read_failed(out, saved=saved_df)
     errors = records.write_errors_json(out, saved_df, failed_df)
     counts = counts.copy(); saved = counts.pop('saved', 0); failed = sum(counts.values())
     return DownloadReport(out, rows, skipped, saved + failed, saved, failed, dict(counts.most_common()),
-                          time.monotonic() - t0, records.summarize(out, saved_df, failed_df), errors, interrupted)
+                          time.monotonic() - t0, records.summarize(out, saved_df, failed_df), errors, interrupted, missing)
 
 def download(cfg:DownloadConfig, progress='auto') -> DownloadReport:
     "Download the images of `cfg.metadata` into `cfg.output_dir`, resuming what is there; returns a report."
     t0 = time.monotonic()
     dump, out, n_rows = open_run(cfg)
-    done = done_indices(out, cfg.retry_failed)
+    missing = []
+    done = done_indices(out, cfg.retry_failed, missing)
     skipped = sum(1 for i in done if i < n_rows)
     total = n_rows - skipped
     rows = pending_rows(dump, done, n_rows)
@@ -391,14 +539,35 @@ def download(cfg:DownloadConfig, progress='auto') -> DownloadReport:
                 def emit(rec):
                     (log.saved if isinstance(rec, records.Saved) else log.failed)(rec)
                     on_record(rec)
-                run_rows(cfg, rows, emit)
+                run_rows(cfg, rows, emit, waiting=getattr(progress, 'waiting', None))
         else:
             _run_processes(cfg, rows, on_record, n_proc)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         if progress: progress.close()
-    return end_run(out, n_rows, skipped, counts, t0, interrupted)
+    rep = end_run(out, n_rows, skipped, counts, t0, interrupted, len(missing))
+    if counts['internal']:
+        print(f'laion_nb: warning: {counts["internal"]:,} row(s) failed with an internal error (a bug in laion_nb, not the '
+              f'data); the next run tries them again; their messages are in {records.ERRORS_FILE}', file=sys.stderr)
+    return rep
+
+# %% ../nbs/03_download.ipynb #6be640a8
+def _seconds(s:str) -> float:
+    "The `--timeout` flag's type: a finite number of seconds, above 0 and at most `MAX_TIMEOUT`."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'not a number of seconds: {s!r}') from None
+    if (problem := timeout_problem(v)): raise argparse.ArgumentTypeError(problem.removeprefix('timeout '))
+    return v
+
+_FLAG_OF = {'max_samples': '--max-samples', 'timeout': '--timeout', 'retries': '--retry', 'threads': '--threads',
+            'processes': '--processes', 'per_host': '--per-host', 'resize': '--resize', 'max_bytes': '--max-bytes'}
+
+def _flag_error(msg:str) -> str:
+    "A configuration error, led by the flag it is about."
+    for name, flag in _FLAG_OF.items():
+        if re.search(rf'\b{name}\b', msg): return f'{flag}: {msg}'
+    return msg
 
 # %% ../nbs/03_download.ipynb #bac5410a
 _EPILOG = '''\
@@ -419,7 +588,7 @@ def _parser() -> argparse.ArgumentParser:
     a('--metadata', default=DEFAULT_METADATA, help='metadata parquet file, directory of parquet shards, or dump dir (default: %(default)s)')
     a('--output-dir', default=DEFAULT_OUTPUT, help='where images/ and the record files go (default: %(default)s)')
     a('--max-samples', type=int, default=None, help='download the first N rows only (default: all)')
-    a('--timeout', type=float, default=10.0, help='seconds per attempt of a URL, name lookup to last byte (default: %(default)s)')
+    a('--timeout', type=_seconds, default=10.0, help='seconds per attempt of a URL, name lookup to last byte (default: %(default)s)')
     a('--retry', type=int, default=3, help='extra attempts after a transient failure: timeout, reset, 429, 5xx (default: %(default)s)')
     a('--threads', type=int, default=64, help='requests in flight per process (default: %(default)s)')
     a('--processes', type=int, default=None, help='worker processes (default: one per core for 1,000+ rows)')
@@ -445,13 +614,14 @@ def main(argv:list[str]|None=None) -> int:
         v = getattr(a, flag)
         if v is not None and v < (0 if flag in ('max_samples', 'retry') else 1):
             p.error(f'--{flag.replace("_", "-")} must be {"at least 0" if flag in ("max_samples", "retry") else "at least 1"}, got {v}')
-    if a.timeout <= 0: p.error(f'--timeout must be > 0 seconds, got {a.timeout}')
     try:
         cfg = DownloadConfig(metadata=a.metadata, output_dir=a.output_dir, max_samples=a.max_samples, timeout=a.timeout,
                              retries=a.retry, threads=a.threads, processes=a.processes, per_host=a.per_host, resize=a.resize,
                              retry_failed=a.retry_failed, respect_opt_out=not a.no_opt_out_check,
                              allow_private_networks=a.allow_private_networks, max_bytes=a.max_bytes,
                              url_col=a.url_col, caption_col=a.caption_col)
+    except ValueError as e: p.error(_flag_error(str(e)))
+    try:
         if a.dask_scheduler:
             try: from laion_nb.scale import download_on_dask
             except ImportError as e: p.error(f'--dask-scheduler needs Dask: pip install "laion_nb[dask]" ({e})')

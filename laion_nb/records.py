@@ -11,8 +11,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'RecordLog', 'BadRecordError',
-           'read_saved', 'read_failed', 'repair', 'merge_shards', 'shard_records', 'summarize', 'write_errors_json',
-           'read_errors_json']
+           'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards', 'shard_records', 'summarize',
+           'write_errors_json', 'read_errors_json']
 
 # %% ../nbs/02b_records.ipynb #21c35276
 SAVED_FILE = 'image_paths.jsonl'      # one line per saved image
@@ -44,8 +44,12 @@ class Failed:
     attempts: int    # how many times it was tried in this run
 
 # %% ../nbs/02b_records.ipynb #d21e7886
+# JSON leaves these raw inside strings, but `str.splitlines()` (and so many a JSONL reader) breaks lines at them
+_LINE_BREAKS = str.maketrans({'\u2028': '\\u2028', '\u2029': '\\u2029', '\x85': '\\u0085'})
+
 def _line(rec) -> bytes:
-    return (json.dumps(vars(rec), ensure_ascii=False, separators=(',', ':')) + '\n').encode('utf-8')
+    "One JSON line: UTF-8 as is, the Unicode line and paragraph separators escaped."
+    return (json.dumps(vars(rec), ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS) + '\n').encode('utf-8')
 
 class RecordLog:
     "Append-only writer of `Saved` and `Failed` records in `out_dir`; safe across threads and processes."
@@ -106,8 +110,8 @@ def _slow(data:bytes, path, cls, skip_bad_lines):
             if missing: raise ValueError(f'missing {", ".join(missing)}')
         except ValueError as e:
             if not skip_bad_lines:
-                raise BadRecordError(f'{path}, line {no}: not a valid {cls.__name__} record ({e}); '
-                                     f'fix or delete the line, or skip bad lines') from None
+                raise BadRecordError(f'{path}, line {no}: not a valid {cls.__name__} record ({e}); fix line {no} of '
+                                     f'{Path(path).name} or delete it (that row is then fetched again), and run again') from None
             bad.append(no); continue
         recs.append({n: rec[n] for n in names})
     if bad: warnings.warn(f'{path}: skipped {len(bad)} bad line(s): {bad[:10]}')
@@ -169,6 +173,26 @@ def repair(out_dir:str|Path) -> int:
             removed += len(data) - keep
     return removed
 
+# %% ../nbs/02b_records.ipynb #3a3c47a4
+def forget_saved(out_dir:str|Path, indices) -> int:
+    "Drop every saved record of `indices` from the saved logs of `out_dir`; returns the lines removed."
+    drop, removed = {int(i) for i in indices}, 0
+    if not drop: return 0
+    for path in _log_paths(out_dir, SAVED_FILE):
+        if not path.exists(): continue
+        lines = path.read_bytes().split(b'\n')
+        keep = [l for l in lines if not (l.strip() and _index_of(l) in drop)]
+        if len(keep) == len(lines): continue
+        removed += len(lines) - len(keep)
+        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+        with open(tmp, 'wb') as f: f.write(b'\n'.join(keep)); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return removed
+
+def _index_of(line:bytes):
+    try: return json.loads(line).get('index')
+    except (ValueError, AttributeError): return None  # a bad line stays, for the reader to name
+
 # %% ../nbs/02b_records.ipynb #d2405a1f
 def merge_shards(out_dir:str|Path) -> int:
     "Append every shard's logs to the main logs of `out_dir` and remove them; returns the shards merged."
@@ -207,8 +231,12 @@ def summarize(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFram
             'by_type': dict(Counter(failed['error_type']).most_common()),
             'by_status': {str(k): v for k, v in Counter(statuses).most_common()}}
 
-def _json_value(v):
-    return None if v is None or (isinstance(v, float) and v != v) else int(v) if hasattr(v, 'dtype') else v
+_INT_FIELDS = {f.name for f in fields(Failed) if f.type.startswith('int')}
+
+def _json_value(k, v):
+    "A value of a failure record as JSON: null for a missing one, an int for the integer fields (pandas gives `200.0` when some are null)."
+    if v is None or (isinstance(v, float) and v != v): return None
+    return int(v) if k in _INT_FIELDS or hasattr(v, 'dtype') else v
 
 def write_errors_json(out_dir:str|Path,
                       saved:pd.DataFrame|None=None,   # `read_saved(out_dir)`, if already read
@@ -222,7 +250,7 @@ def write_errors_json(out_dir:str|Path,
     if failed.empty:
         path.unlink(missing_ok=True)
         return None
-    errors = [{k: _json_value(v) for k, v in rec.items()} for rec in failed.to_dict('records')]
+    errors = [{k: _json_value(k, v) for k, v in rec.items()} for rec in failed.to_dict('records')]
     doc = {'summary': summarize(out_dir, saved, failed), 'errors': errors}
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding='utf-8')

@@ -56,7 +56,7 @@ def test_every_failure_of_the_demo_has_its_type(server, tmp_path):
     rep = download(cfg_for(dump, tmp_path/'out'), progress=None)
     failed = records.read_failed(tmp_path/'out')
     types = set(failed['error_type'])
-    assert types == set(ERROR_TYPES) - {'blocked_address'}   # blocked_address has its own test below
+    assert types == set(ERROR_TYPES) - {'blocked_address', 'internal'}   # blocked_address has its own test below; no bug to show
     assert rep.attempted == len(records.read_saved(tmp_path/'out')) + len(failed) == 49
     doc = json.loads((tmp_path/'out'/'download_errors.json').read_text())
     assert doc['summary']['failed'] == len(doc['errors']) == len(failed)
@@ -182,7 +182,7 @@ def test_cli_resize_and_max_samples(server, tmp_path):
 @pytest.mark.parametrize('argv, want', [
     (['--max-samples', '-1'], '--max-samples must be at least 0'),
     (['--threads', '0'], '--threads must be at least 1'),
-    (['--timeout', '0'], '--timeout must be > 0'),
+    (['--timeout', '0'], 'argument --timeout: must be > 0'),
     (['--metadata', '/nonexistent/meta.parquet'], '/nonexistent/meta.parquet'),
 ])
 def test_cli_bad_flags_exit_2_naming_the_flag(argv, want, capsys):
