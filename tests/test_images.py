@@ -245,8 +245,24 @@ def test_trailing_garbage_is_cut_at_eoi(kw):
 def test_jpeg_layout_of_broken_files():
     "No EOI, a length past the end, a file of a few bytes: no end found, nothing raised."
     good = enc(photo(100, 80))
-    for data in [good[:-2], good[:30], b'\xff\xd8\xff', b'\xff\xd8\xff\xe0\xff\xff' + b'\0' * 10, good[:2] + b'junk' + good[2:]]:
+    for data in [good[:-2], good[:30], b'\xff\xd8\xff', b'\xff\xd8\xff\xe0\xff\xff' + b'\0' * 10]:
         assert images.jpeg_layout(data).end is None
+
+
+def test_stray_bytes_and_mpo():
+    "Stray bytes between segments are skipped as libjpeg skips them; an MPO (two pictures) keeps its first."
+    good = enc(photo(200, 150))
+    i = good.find(b'\xff\xdb')
+    stray = good[:i] + b'\x00\x00junk' + good[i:]
+    a, b = images.jpeg_layout(good), images.jpeg_layout(stray)
+    assert (b.end, b.entropy, b.least) == (len(stray), a.entropy, a.least)
+    c = check_image(stray)
+    assert (c.width, c.height, c.converted) == (200, 150, False)
+    buf = io.BytesIO()
+    Image.new('RGB', (200, 150), 'red').save(buf, 'MPO', save_all=True, append_images=[Image.new('RGB', (200, 150), 'blue')])
+    mpo = buf.getvalue()
+    c = check_image(mpo)
+    assert len(c.data) < len(mpo) and decoded(c).getpixel((5, 5))[0] > 200  # the first picture, whole
 
 
 # ---- 6. no DecompressionBombWarning ------------------------------------------------------------
