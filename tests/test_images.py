@@ -278,6 +278,15 @@ def test_no_bomb_warning_and_no_filter_change():
     assert warnings.filters == before
 
 
+def test_no_bomb_warning_from_a_tiff_load():
+    "Pillow's TIFF loader checks the size again as it allocates the pixels; that one is silent too, even with warnings as errors."
+    tiff = enc(Image.new('1', (9500, 9500), 1), 'TIFF', compression='group4')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        c = check_image(tiff, ImageRules(resize=500))
+    assert (c.width, c.height) == (500, 500) and decoded(c).getpixel((5, 5)) > 250
+
+
 # ---- end to end through the demo server --------------------------------------------------------
 
 def test_odd_images_through_the_demo_server(tmp_path):
