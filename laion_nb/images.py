@@ -34,7 +34,7 @@ class ImageRules:
             raise ValueError(f'resize ({self.resize}) must be at least min_size ({self.min_size})')
         if not 1 <= self.quality <= 100: raise ValueError(f'quality must be 1 to 100, got {self.quality}')
 
-# %% ../nbs/02_images.ipynb #aba18a9c
+# %% ../nbs/02_images.ipynb #27423dfd
 @patch
 def check_size(self:ImageRules, w:int, h:int):
     "Raise `too_small` or `too_large` if a `w` x `h` image breaks the size rules (read from the header: nothing is decoded yet)."
@@ -65,7 +65,7 @@ def _what(data:bytes) -> str:
     if not data: return 'an empty body'
     return f'{len(data)} bytes of an unknown format (starting {data[:8]!r})'
 
-# %% ../nbs/02_images.ipynb #aa40fb40
+# %% ../nbs/02_images.ipynb #6e1f49de
 _OPENERS = {'JPEG': JpegImagePlugin.jpeg_factory, 'PNG': PngImagePlugin.PngImageFile, 'GIF': GifImagePlugin.GifImageFile,
             'BMP': BmpImagePlugin.BmpImageFile, 'TIFF': TiffImagePlugin.TiffImageFile}
 try:
@@ -77,7 +77,7 @@ def _open(fmt:str, data:bytes) -> Image.Image:
     if fmt not in _OPENERS: raise OSError(f'this Pillow cannot read {fmt}')
     return _OPENERS[fmt](io.BytesIO(data))
 
-# %% ../nbs/02_images.ipynb #a6b1ab1a
+# %% ../nbs/02_images.ipynb #4a04ec98
 _MARKER = re.compile(rb'\xff[^\x00\xd0-\xd7\xff]')  # the first marker after entropy-coded data (ff00 is a stuffed ff, RSTn sit inside)
 _BITS_PER_BLOCK = {0xC0: 2, 0xC1: 2, 0xC2: 1}  # Huffman DCT frames (baseline, extended, progressive): the least a block costs
 
@@ -88,7 +88,7 @@ class JpegLayout:
     entropy:int          # bytes of entropy-coded data, all scans
     least:int            # bytes of entropy-coded data the frame's blocks need at the very least (0: no bound known)
 
-# %% ../nbs/02_images.ipynb #c71378ed
+# %% ../nbs/02_images.ipynb #09112a71
 def _ceil(a:int, b:int) -> int: return -(-a // b)
 
 def _least_bytes(data:bytes, at:int, bits:int) -> int:
@@ -102,7 +102,7 @@ def _least_bytes(data:bytes, at:int, bits:int) -> int:
     blocks = sum(_ceil(_ceil(x*h, hmax), 8) * _ceil(_ceil(y*v, vmax), 8) for h, v in hv)
     return blocks * bits // 8
 
-# %% ../nbs/02_images.ipynb #2848254f
+# %% ../nbs/02_images.ipynb #c402da24
 def jpeg_layout(data:bytes) -> JpegLayout:
     "Walk the markers of the JPEG `data`: segments by their lengths, entropy-coded data by a regex."
     pos, n, entropy, least = 2, len(data), 0, 0
@@ -126,11 +126,11 @@ def jpeg_layout(data:bytes) -> JpegLayout:
         pos = end
     return JpegLayout(None, entropy, least)
 
-# %% ../nbs/02_images.ipynb #6d69cea0
+# %% ../nbs/02_images.ipynb #3c581ad6
 try: _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc
 except (OSError, AttributeError): _malloc_trim = None
 
-# %% ../nbs/02_images.ipynb #5ef5c9c9
+# %% ../nbs/02_images.ipynb #05462623
 class PixelBudget:
     "Bytes of decoded pixels in flight in one process: a check waits its turn until its bytes fit."
     def __init__(self, limit:int): # bytes; an image that needs more than this runs alone
@@ -156,7 +156,7 @@ class PixelBudget:
 
 PIXEL_BUDGET = PixelBudget(512 * 2**20)  # the budget of this process: see above
 
-# %% ../nbs/02_images.ipynb #02d1c631
+# %% ../nbs/02_images.ipynb #72658fff
 _BYTES = {'1': 1, 'L': 1, 'P': 1, 'I;16': 2, 'I;16L': 2, 'I;16B': 2, 'I;16N': 2}  # bytes per pixel in Pillow's memory (the rest: 4)
 _MORE = {'RGB': 0, 'L': 0, '1': 1, 'I;16': 1, 'I;16B': 1, 'I;16L': 1, 'I;16N': 1, 'I': 1, 'F': 1, 'LA': 1, 'RGBA': 4, 'P': 4, 'CMYK': 4, 'YCbCr': 4}  # bytes per pixel `_eight_bit` adds (the rest: 8)
 
@@ -166,7 +166,7 @@ def _cost(mode:str, px:int, out_px:int=0, keep:bool=True, resized:bool=False, tu
     if keep: return n
     return n + px * _MORE.get(mode, 8) + out_px * (1 + 4 * turned + 16 * resized)
 
-# %% ../nbs/02_images.ipynb #1c4872c4
+# %% ../nbs/02_images.ipynb #f2b29298
 _STRIP = 256  # rows converted at a time: the 8-bit copy is made strip by strip, so no second full-size wide copy exists
 
 def _by_strips(im:Image.Image, mode:str, f) -> Image.Image:
@@ -181,7 +181,7 @@ def _scale(im:Image.Image, lo:float, hi:float) -> Image.Image:
     wide = lambda s: s if s.mode in ('I', 'I;16', 'F') else s.convert('I')  # Pillow's point() takes these
     return _by_strips(im, 'L', lambda s: wide(s).point(lambda v: (v - lo) * k + 0.5).convert('L'))
 
-# %% ../nbs/02_images.ipynb #f43f7676
+# %% ../nbs/02_images.ipynb #475d6404
 def _on_white(im:Image.Image) -> Image.Image:
     "An RGB (or L for LA) image of `im` with its alpha composited on white."
     if im.mode == 'P':  # blend the palette with white: no RGBA copy of the pixels
@@ -198,7 +198,7 @@ def _on_white(im:Image.Image) -> Image.Image:
         bg.paste(s.convert(bg.mode), (0, y), s)  # the strip's alpha is the mask
     return bg
 
-# %% ../nbs/02_images.ipynb #5ee0b6e2
+# %% ../nbs/02_images.ipynb #992313f9
 def _eight_bit(im:Image.Image) -> Image.Image:
     "8-bit L or RGB pixels of the decoded `im`: 16-bit by /257, floats by their range, alpha on white."
     m = im.mode
@@ -215,7 +215,7 @@ def _eight_bit(im:Image.Image) -> Image.Image:
     if m in ('RGBA', 'LA', 'PA', 'La', 'RGBa') or (m == 'P' and 'transparency' in im.info): return _on_white(im)
     return im.convert('RGB')
 
-# %% ../nbs/02_images.ipynb #fc304786
+# %% ../nbs/02_images.ipynb #51f15ed9
 _TURN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
@@ -241,7 +241,7 @@ class CheckedImage:
 def _encode(im:Image.Image, quality:int) -> bytes:
     buf = io.BytesIO(); im.save(buf, 'JPEG', quality=quality); return buf.getvalue()
 
-# %% ../nbs/02_images.ipynb #9bec46d8
+# %% ../nbs/02_images.ipynb #b9334cef
 def _corrupt(fmt, w, h, e): return SampleError('corrupt', f'{fmt} {w}x{h} does not decode: {e}')
 
 def _load(im:Image.Image):
@@ -249,6 +249,18 @@ def _load(im:Image.Image):
     if isinstance(im, TiffImagePlugin.TiffImageFile) and getattr(im, '_im', 0) is None and hasattr(im, '_tile_size'):
         im.im = Image.core.new(im.mode, im._tile_size)
     im.load()
+
+def _reencode(im:Image.Image, rules:ImageRules, resized:bool) -> tuple[bytes, tuple[int, int], int]:
+    "JPEG bytes, size and EXIF orientation of the decoded `im`, made 8-bit, resized and upright; closes what it makes."
+    turn, out = _orientation(im), None  # a PNG may carry its EXIF after its pixels; Pillow turns a TIFF as it loads it
+    try:
+        out = _eight_bit(im)
+        if out is not im: im.close()
+        if resized: out.thumbnail((rules.resize, rules.resize), Image.LANCZOS)
+        if turn != 1: out = out.transpose(_TURN[turn])
+        return _encode(out, rules.quality), out.size, turn
+    finally:
+        if out is not None: out.close()
 
 # %% ../nbs/02_images.ipynb #4fabfe1c
 def check_image(data:bytes, rules:ImageRules|None=None) -> CheckedImage:
@@ -266,7 +278,6 @@ def check_image(data:bytes, rules:ImageRules|None=None) -> CheckedImage:
     if jpeg and jpeg.entropy < jpeg.least:
         raise _corrupt(fmt, w, h, f'{jpeg.entropy} bytes of image data, its 8x8 blocks need at least {jpeg.least}')
     turn, keep = _orientation(im), fmt == 'JPEG' and im.mode in ('RGB', 'L') and not rules.resize_needed(w, h)
-    out = None
     try:
         if fmt == 'JPEG' and keep: im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
         elif fmt == 'JPEG' and rules.resize: im.draft('RGB', (rules.resize, rules.resize))
@@ -275,16 +286,8 @@ def check_image(data:bytes, rules:ImageRules|None=None) -> CheckedImage:
         with PIXEL_BUDGET(_cost(im.mode, im.size[0] * im.size[1], out_px, keep, resized, turn != 1)):
             try:  # every pixel buffer is closed before the budget is given back
                 _load(im)
-                if not keep:
-                    turn = _orientation(im)  # a PNG may carry its EXIF after its pixels; Pillow turns a TIFF as it loads it
-                    out = _eight_bit(im)
-                    if out is not im: im.close()
-                    if resized: out.thumbnail((rules.resize, rules.resize), Image.LANCZOS)
-                    if turn != 1: out = out.transpose(_TURN[turn])
-                    data, (sw, sh) = _encode(out, rules.quality), out.size
-            finally:
-                im.close()
-                if out is not None: out.close()
+                if not keep: data, (sw, sh), turn = _reencode(im, rules, resized)
+            finally: im.close()
     except Image.DecompressionBombError as e: raise SampleError('too_large', f'{fmt}: {e}') from None
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as e: raise _corrupt(fmt, w, h, e) from None
     if turn >= 5: w, h = h, w  # as displayed
