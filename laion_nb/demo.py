@@ -93,7 +93,7 @@ ROUTES = {
 }
 HANGING = frozenset({'stall', 'drip', 'slowstatus', 'slowheader', 'slowchunk', 'emptygzip', 'emptydeflate'})  # end only at a deadline or a cap
 
-# %% ../nbs/06_demo.ipynb #254a6b90
+# %% ../nbs/06_demo.ipynb #ebd89ae4
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'laion_nb-demo/1'
@@ -136,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(code, f'HTTP {code}'.encode(), 'text/plain', [('Retry-After', '1')] if code in (429, 503) else [])
     def r_html(self, i, ext, n): self._send(200, b'<!doctype html><html><body><p>Image removed</p></body></html>', 'text/html')
 
-# %% ../nbs/06_demo.ipynb #21248ad9
+# %% ../nbs/06_demo.ipynb #bc34c0ce
 def _bomb_png(w=60000, h=60000) -> bytes:
     "A PNG whose header claims w x h pixels; the data is a few bytes."
     def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
@@ -158,7 +158,7 @@ def r_truncated(self:_Handler, i, ext, n): data = demo_image(i); self._send(200,
 @patch
 def r_garbage(self:_Handler, i, ext, n): self._send(200, random.Random(i).randbytes(5000))
 
-# %% ../nbs/06_demo.ipynb #81fc0303
+# %% ../nbs/06_demo.ipynb #e7464c3d
 @patch
 def r_redirect(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/img/{i}.jpg')])
 @patch
@@ -173,7 +173,7 @@ def r_flaky(self:_Handler, i, ext, n):
 def r_echo(self:_Handler, i, ext, n):
     self._send(200, json.dumps({'request': self.requestline, 'headers': dict(self.headers)}).encode(), 'application/json')
 
-# %% ../nbs/06_demo.ipynb #3c50c3ae
+# %% ../nbs/06_demo.ipynb #ceb2790e
 @patch
 def r_stall(self:_Handler, i, ext, n): self.server.owner._closing.wait(120)
 @patch
@@ -199,7 +199,7 @@ def r_endless(self:_Handler, i, ext, n):
     block = demo_image(i)
     while not self.server.owner._closing.is_set(): self.wfile.write(block)
 
-# %% ../nbs/06_demo.ipynb #266bcf49
+# %% ../nbs/06_demo.ipynb #78f21ee0
 @patch
 def _drip(self:_Handler, head:bytes, byte:bytes=b' ', every:float=0.2):
     "Send `head`, then `byte` every `every` seconds until the server stops or the client hangs up."
@@ -233,7 +233,7 @@ def r_emptydeflate(self:_Handler, i, ext, n):
                      b'Transfer-Encoding: chunked\r\n\r\n2\r\n\x78\x9c\r\n')  # a zlib header, then blocks forever
     while not self.server.owner._closing.is_set(): self.wfile.write(chunk)
 
-# %% ../nbs/06_demo.ipynb #0e646aa5
+# %% ../nbs/06_demo.ipynb #3a10b74e
 def _save(im:Image.Image, fmt:str, **kw) -> bytes:
     buf = io.BytesIO(); im.save(buf, fmt, **kw); return buf.getvalue()
 
@@ -305,7 +305,7 @@ def _tarpit(listener:socket.socket, closing:threading.Event):
         except OSError: return
         threading.Thread(target=drip, args=(conn,), daemon=True, name='laion_nb-demo-tarpit').start()
 
-# %% ../nbs/06_demo.ipynb #70b348db
+# %% ../nbs/06_demo.ipynb #bfb09e62
 class ImageServer:
     "The demo's image server on 127.0.0.1 (ephemeral port); a context manager. `hits` counts requests per path."
     def __init__(self, latency:float=0.0,  # seconds to wait before every answer
@@ -332,22 +332,6 @@ class ImageServer:
         for t in self._threads: t.start()
         return self
 
-    @property
-    def port(self) -> int: return self._httpd.server_address[1]
-    @property
-    def base(self) -> str: return f'{"https" if self.tls else "http"}://127.0.0.1:{self.port}'
-    def url(self, route:str) -> str:
-        "The URL of `route`, e.g. `img/3.jpg` or `status/404`."
-        return f'{self.base}/{route.lstrip("/")}'
-    @property
-    def refused_url(self) -> str:
-        "A URL on 127.0.0.1 where nothing listens."
-        return f'http://127.0.0.1:{self._refuser.getsockname()[1]}/img/1.jpg'
-    @property
-    def slow_tls_url(self) -> str:
-        "An https URL on 127.0.0.1 whose server drips its TLS handshake a byte every 0.2 s, forever."
-        return f'https://127.0.0.1:{self._slow.getsockname()[1]}/img/1.jpg'
-
     def stop(self):
         "Stop serving; hanging routes (stall, drip, the hostile ones, the slow TLS port) end too."
         if self._httpd is None: return
@@ -359,6 +343,25 @@ class ImageServer:
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
     def __repr__(self): return f'ImageServer({self.base if self._httpd else "stopped"}, latency={self.latency})'
+
+
+# %% ../nbs/06_demo.ipynb #8d613e2b
+@patch(as_prop=True)
+def port(self:ImageServer) -> int: return self._httpd.server_address[1]
+@patch(as_prop=True)
+def base(self:ImageServer) -> str: return f'{"https" if self.tls else "http"}://127.0.0.1:{self.port}'
+@patch
+def url(self:ImageServer, route:str) -> str:
+    "The URL of `route`, e.g. `img/3.jpg` or `status/404`."
+    return f'{self.base}/{route.lstrip("/")}'
+@patch(as_prop=True)
+def refused_url(self:ImageServer) -> str:
+    "A URL on 127.0.0.1 where nothing listens."
+    return f'http://127.0.0.1:{self._refuser.getsockname()[1]}/img/1.jpg'
+@patch(as_prop=True)
+def slow_tls_url(self:ImageServer) -> str:
+    "An https URL on 127.0.0.1 whose server drips its TLS handshake a byte every 0.2 s, forever."
+    return f'https://127.0.0.1:{self._slow.getsockname()[1]}/img/1.jpg'
 
 
 # %% ../nbs/06_demo.ipynb #c5d2da81

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_fetch.ipynb #9918c37b
 from __future__ import annotations
-import heapq, http.client, ipaddress, math, os, random, socket, ssl, threading, time, zlib
+import heapq, http.client, ipaddress, math, numbers, os, random, socket, ssl, threading, time, zlib
 from dataclasses import dataclass
 from urllib.parse import urljoin
 from urllib.request import getproxies, proxy_bypass_environment
@@ -46,11 +46,11 @@ class FetchConfig:
         def number(name, lo, hi, open_lo=False):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if open_lo else v >= lo) and v <= hi
-            if not ok: raise ValueError(f"{name} must be {'>' if open_lo else '>='} {lo:g} and <= {hi:g}, got {v!r}")
+            if not ok: raise ValueError(f"{name} must be {'>' if open_lo else '>='} {lo:g} and <= {hi:g} seconds, got {v!r}")
         number('timeout', 0, MAX_TIMEOUT, open_lo=True)   # seconds, finite: 'inf' would make every deadline a lie
-        if not isinstance(self.retries, int) or not 0 <= self.retries <= MAX_RETRIES:
+        if not isinstance(self.retries, numbers.Integral) or not 0 <= self.retries <= MAX_RETRIES:
             raise ValueError(f'retries must be a whole number >= 0 and <= {MAX_RETRIES}, got {self.retries!r}')
-        if not isinstance(self.max_bytes, int) or self.max_bytes <= 0: raise ValueError(f'max_bytes must be > 0, got {self.max_bytes!r}')
+        if not 0 < self.max_bytes < math.inf: raise ValueError(f'max_bytes must be > 0 and finite, got {self.max_bytes!r}')
         number('backoff', 0, MAX_TIMEOUT); number('max_backoff', 0, MAX_TIMEOUT)
 
 # %% ../nbs/01_fetch.ipynb #121b2ffe
@@ -116,16 +116,20 @@ def check_address(url:str, allow_private:bool=False, timeout:float=10.0) -> str:
     _, host, port = split_url(url)
     return check_host(host, port, allow_private, timeout)
 
-# %% ../nbs/01_fetch.ipynb #ab864cf9
+# %% ../nbs/01_fetch.ipynb #5a748896
 class _Watch:
-    "One attempt in flight: its deadline, where it is and what it is doing, and the reaper's duplicates of its sockets."
+    "One attempt in flight: its deadline, where it is and what it is doing, and the reaper's duplicates of its sockets' descriptors."
     __slots__ = ('deadline', 'socks', 'fired', 'done', 'phase', 'where')
     def __init__(self, deadline:float):
         self.deadline, self.socks, self.fired, self.done = deadline, [], False, False
         self.phase, self.where = 'looking up the host', 'the server'
 
-def _shut(s:socket.socket):
-    try: s.shutdown(socket.SHUT_RDWR)
+def _shut(fd:int):
+    "Shut down the connection of descriptor `fd` (a duplicate: the connection's own descriptor is left as it is)."
+    try:
+        s = socket.socket(fileno=fd)
+        try: s.shutdown(socket.SHUT_RDWR)
+        finally: s.detach()
     except OSError: pass
 
 class _Reaper:
@@ -137,7 +141,9 @@ class _Reaper:
         old = getattr(self, 'heap', [])
         self.heap, self.dead, self.thread, self.cond = [], 0, None, threading.Condition(threading.Lock())
         for _, _, w in old:  # in a forked child: the parent's duplicates are of no use here
-            for s in w.socks: s.close()
+            for fd in w.socks:
+                try: os.close(fd)
+                except OSError: pass
 
     def watch(self, deadline:float) -> _Watch:
         "A new watch for an attempt that must end by `deadline` (a `time.monotonic()` time)."
@@ -151,10 +157,10 @@ class _Reaper:
 
     def add(self, w:_Watch, sock:socket.socket):
         "Shut `sock` down if `w`'s deadline passes before `w` is released."
-        try: dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        try: dup = os.dup(sock.fileno())
         except (OSError, ValueError): return
         with self.cond:
-            if w.done: return dup.close()
+            if w.done: return os.close(dup)
             w.socks.append(dup)
             if w.fired: _shut(dup)
 
@@ -162,7 +168,7 @@ class _Reaper:
         "The attempt is over: forget its sockets (their duplicates are closed)."
         with self.cond:
             w.done = True
-            for s in w.socks: s.close()
+            for fd in w.socks: os.close(fd)
             w.socks = []
             if not w.fired: self.dead += 1  # still in the heap
             if self.dead > 1024 and 2 * self.dead > len(self.heap):
@@ -176,7 +182,7 @@ class _Reaper:
                     w = heapq.heappop(self.heap)[2]
                     if w.done: self.dead -= 1; continue
                     w.fired = True
-                    for s in w.socks: _shut(s)
+                    for fd in w.socks: _shut(fd)
                 self.cond.wait(max(self.heap[0][0] - now, self.tick) if self.heap else None)
 
 _reaper = _Reaper()
@@ -275,7 +281,7 @@ def _reason(e:BaseException) -> str:
     if ': ' in text and '(' in text.split(': ')[0]: text = text.split(': ', 1)[1]  # "HTTPConnection(host=...): Failed to ..."
     return text[:200]
 
-# %% ../nbs/01_fetch.ipynb #74974222
+# %% ../nbs/01_fetch.ipynb #02c990d5
 def _classify(e:Exception, w:_Watch|None=None, timeout:float|None=None) -> SampleError:
     "Map an exception of urllib3, TLS or the socket layer to its error type, with a message in the user's terms."
     if isinstance(e, SampleError): return e
@@ -294,7 +300,7 @@ def _classify(e:Exception, w:_Watch|None=None, timeout:float|None=None) -> Sampl
         if any(x in text for x in _DNS_WORDS): return SampleError('dns', f'cannot resolve {where}: {_reason(root)}')
         return SampleError('connect', f'cannot connect to {where}: {_reason(root)}')
     if isinstance(e, (E.TimeoutError, socket.timeout, TimeoutError)) or isinstance(root, (socket.timeout, TimeoutError)):
-        return SampleError('timeout', f'read timed out{after} at {where} {phase}'.strip())
+        return SampleError('timeout', f'timed out{after} at {where} {phase}'.strip())
     if isinstance(root, (ssl.SSLError, ssl.CertificateError)) and (w is None or 'TLS' in w.phase):
         return SampleError('connect', f'TLS handshake with {where} failed: {_reason(root)}')
     if isinstance(root, http.client.IncompleteRead):
@@ -340,7 +346,7 @@ class Fetcher:
         "Close this thread's connections."
         for pm in self._local.__dict__.pop('managers', {}).values(): pm.clear()
 
-# %% ../nbs/01_fetch.ipynb #2e80bce7
+# %% ../nbs/01_fetch.ipynb #7b30979b
 _CHUNK = 1 << 16  # bytes per read: larger reads cost more, as each allocates a buffer of that size
                   # (an 820 KB body: 0.5 ms of CPU in 64 KB reads, 2 ms in 1 MB reads, measured)
 
@@ -377,7 +383,9 @@ class _Inflate:
 
 def _decoders(r:urllib3.BaseHTTPResponse) -> list[_Inflate]|None:
     "The decoders of the body's Content-Encoding, last applied first; None if one is unknown (the body is kept as sent)."
-    names = [n.strip().lower() for n in (r.headers.get('Content-Encoding') or '').split(',')]
+    enc = r.headers.get('Content-Encoding')
+    if not enc: return []
+    names = [n.strip().lower() for n in enc.split(',')]
     names = [{'x-gzip': 'gzip'}.get(n, n) for n in names if n not in ('', 'identity')]
     if not all(n in ('gzip', 'deflate') for n in names): return None
     return [_Inflate(n) for n in reversed(names)]
@@ -414,7 +422,7 @@ def _check_head(r:urllib3.BaseHTTPResponse, cfg:FetchConfig):
     if length and length.isdigit() and int(length) > cfg.max_bytes:
         raise SampleError('too_many_bytes', f'Content-Length {length} exceeds {cfg.max_bytes} bytes', status=200)
 
-# %% ../nbs/01_fetch.ipynb #9badabd1
+# %% ../nbs/01_fetch.ipynb #d587ecb6
 @patch
 def attempt(self:Fetcher, url:str) -> Fetched:
     "One try at `url` (redirects included) within `cfg.timeout` seconds, or a `SampleError`."
