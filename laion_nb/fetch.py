@@ -116,7 +116,7 @@ def check_address(url:str, allow_private:bool=False, timeout:float=10.0) -> str:
     _, host, port = split_url(url)
     return check_host(host, port, allow_private, timeout)
 
-# %% ../nbs/01_fetch.ipynb #5a748896
+# %% ../nbs/01_fetch.ipynb #2b37e6e2
 class _Watch:
     "One attempt in flight: its deadline, where it is and what it is doing, and the reaper's duplicates of its sockets' descriptors."
     __slots__ = ('deadline', 'socks', 'fired', 'done', 'phase', 'where')
@@ -132,6 +132,7 @@ def _shut(fd:int):
         finally: s.detach()
     except OSError: pass
 
+# %% ../nbs/01_fetch.ipynb #905fdabd
 class _Reaper:
     "One thread per process that shuts down the sockets of attempts past their deadline."
     tick = 0.02  # seconds: the reaper wakes at most this often, so a deadline is kept to within this much
@@ -174,16 +175,19 @@ class _Reaper:
             if self.dead > 1024 and 2 * self.dead > len(self.heap):
                 self.heap = [e for e in self.heap if not e[2].done]; heapq.heapify(self.heap); self.dead = 0
 
-    def _run(self):
-        with self.cond:
-            while True:
-                now = time.monotonic()
-                while self.heap and self.heap[0][0] <= now:
-                    w = heapq.heappop(self.heap)[2]
-                    if w.done: self.dead -= 1; continue
-                    w.fired = True
-                    for fd in w.socks: _shut(fd)
-                self.cond.wait(max(self.heap[0][0] - now, self.tick) if self.heap else None)
+# %% ../nbs/01_fetch.ipynb #80ffb04d
+@patch
+def _run(self:_Reaper):
+    "Shut down the sockets of attempts past their deadline, waking at most every `tick` seconds."
+    with self.cond:
+        while True:
+            now = time.monotonic()
+            while self.heap and self.heap[0][0] <= now:
+                w = heapq.heappop(self.heap)[2]
+                if w.done: self.dead -= 1; continue
+                w.fired = True
+                for fd in w.socks: _shut(fd)
+            self.cond.wait(max(self.heap[0][0] - now, self.tick) if self.heap else None)
 
 _reaper = _Reaper()
 os.register_at_fork(after_in_child=_reaper._reset)
@@ -219,6 +223,7 @@ def _pinned(cls):
     Pinned.__name__ = Pinned.__qualname__ = f'Pinned{cls.__name__}'
     return Pinned
 
+# %% ../nbs/01_fetch.ipynb #2a7cfad5
 class _PinnedHTTPPool(urllib3.HTTPConnectionPool): ConnectionCls = _pinned(urllib3.connection.HTTPConnection)
 class _PinnedHTTPSPool(urllib3.HTTPSConnectionPool): ConnectionCls = _pinned(urllib3.connection.HTTPSConnection)
 
@@ -281,7 +286,7 @@ def _reason(e:BaseException) -> str:
     if ': ' in text and '(' in text.split(': ')[0]: text = text.split(': ', 1)[1]  # "HTTPConnection(host=...): Failed to ..."
     return text[:200]
 
-# %% ../nbs/01_fetch.ipynb #02c990d5
+# %% ../nbs/01_fetch.ipynb #a4e44c48
 def _classify(e:Exception, w:_Watch|None=None, timeout:float|None=None) -> SampleError:
     "Map an exception of urllib3, TLS or the socket layer to its error type, with a message in the user's terms."
     if isinstance(e, SampleError): return e
@@ -346,7 +351,7 @@ class Fetcher:
         "Close this thread's connections."
         for pm in self._local.__dict__.pop('managers', {}).values(): pm.clear()
 
-# %% ../nbs/01_fetch.ipynb #7b30979b
+# %% ../nbs/01_fetch.ipynb #171429d3
 _CHUNK = 1 << 16  # bytes per read: larger reads cost more, as each allocates a buffer of that size
                   # (an 820 KB body: 0.5 ms of CPU in 64 KB reads, 2 ms in 1 MB reads, measured)
 
@@ -390,6 +395,38 @@ def _decoders(r:urllib3.BaseHTTPResponse) -> list[_Inflate]|None:
     if not all(n in ('gzip', 'deflate') for n in names): return None
     return [_Inflate(n) for n in reversed(names)]
 
+# %% ../nbs/01_fetch.ipynb #0df576f1
+def _decoders(r:urllib3.BaseHTTPResponse) -> list[_Inflate]|None:
+    "The decoders of the body's Content-Encoding, last applied first; None if one is unknown (the body is kept as sent)."
+    enc = r.headers.get('Content-Encoding')
+    if not enc: return []
+    names = [n.strip().lower() for n in enc.split(',')]
+    names = [{'x-gzip': 'gzip'}.get(n, n) for n in names if n not in ('', 'identity')]
+    if not all(n in ('gzip', 'deflate') for n in names): return None
+    return [_Inflate(n) for n in reversed(names)]
+
+# %% ../nbs/01_fetch.ipynb #ca980f08
+def _check_head(r:urllib3.BaseHTTPResponse, cfg:FetchConfig):
+    "Refuse a final response on its status and headers, before its body is read."
+    if r.status != 200:
+        reason = r.reason or _STATUS_REASON.get(r.status, '')
+        raise SampleError('http_status', f'HTTP {r.status} {reason}'.strip(), status=r.status,
+                          retry_after=_retry_after(r.headers.get('Retry-After')))
+    if cfg.respect_opt_out and opted_out(r.headers):
+        raise SampleError('opt_out', f"X-Robots-Tag: {', '.join(r.headers.get_all('X-Robots-Tag'))}", status=200)
+    length = r.headers.get('Content-Length')
+    if length and length.isdigit() and int(length) > cfg.max_bytes:
+        raise SampleError('too_many_bytes', f'Content-Length {length} exceeds {cfg.max_bytes} bytes', status=200)
+
+def _next_hop(url:str, r:urllib3.BaseHTTPResponse, seen:list[str], cfg:FetchConfig) -> str:
+    "Where the redirect `r` from `url` points, or `too_many_redirects` for one too many or a loop."
+    seen.append(url)
+    target = urljoin(url, r.headers['Location'].strip())
+    if len(seen) > cfg.max_redirects or target in seen:
+        why = 'a redirect loop' if target in seen else f'more than {cfg.max_redirects} redirects'
+        raise SampleError('too_many_redirects', f'{why}, last to {target}', status=r.status)
+    return target
+
 # %% ../nbs/01_fetch.ipynb #6abd5ce5
 def _read_body(r:urllib3.BaseHTTPResponse, cfg:FetchConfig, deadline:float, w:_Watch) -> bytes:
     "The whole body, decoded, within the deadline; the cap bounds the bytes read and the bytes decoded."
@@ -410,19 +447,8 @@ def _read_body(r:urllib3.BaseHTTPResponse, cfg:FetchConfig, deadline:float, w:_W
     if size > cap: raise SampleError('too_many_bytes', f'body decodes to more than {cap} bytes')
     return chunks[0] if len(chunks) == 1 else b''.join(chunks)
 
-def _check_head(r:urllib3.BaseHTTPResponse, cfg:FetchConfig):
-    "Refuse a final response on its status and headers, before its body is read."
-    if r.status != 200:
-        reason = r.reason or _STATUS_REASON.get(r.status, '')
-        raise SampleError('http_status', f'HTTP {r.status} {reason}'.strip(), status=r.status,
-                          retry_after=_retry_after(r.headers.get('Retry-After')))
-    if cfg.respect_opt_out and opted_out(r.headers):
-        raise SampleError('opt_out', f"X-Robots-Tag: {', '.join(r.headers.get_all('X-Robots-Tag'))}", status=200)
-    length = r.headers.get('Content-Length')
-    if length and length.isdigit() and int(length) > cfg.max_bytes:
-        raise SampleError('too_many_bytes', f'Content-Length {length} exceeds {cfg.max_bytes} bytes', status=200)
 
-# %% ../nbs/01_fetch.ipynb #d587ecb6
+# %% ../nbs/01_fetch.ipynb #e0267cb2
 @patch
 def attempt(self:Fetcher, url:str) -> Fetched:
     "One try at `url` (redirects included) within `cfg.timeout` seconds, or a `SampleError`."
@@ -445,13 +471,7 @@ def attempt(self:Fetcher, url:str) -> Fetched:
             done = False
             try:
                 if w.fired: raise SampleError('timeout', f'timed out after {cfg.timeout:g} s at {w.where} {w.phase}')  # cut mid-head
-                if r.status in (301, 302, 303, 307, 308) and r.headers.get('Location'):
-                    seen.append(url)
-                    target = urljoin(url, r.headers['Location'].strip())
-                    if len(seen) > cfg.max_redirects or target in seen:
-                        why = 'a redirect loop' if target in seen else f'more than {cfg.max_redirects} redirects'
-                        raise SampleError('too_many_redirects', f'{why}, last to {target}', status=r.status)
-                    url = target; continue
+                if r.status in (301, 302, 303, 307, 308) and r.headers.get('Location'): url = _next_hop(url, r, seen, cfg); continue
                 _check_head(r, cfg)
                 w.phase = 'while reading the body'
                 try: content = _read_body(r, cfg, deadline, w)
