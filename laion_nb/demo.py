@@ -93,7 +93,7 @@ ROUTES = {
 }
 HANGING = frozenset({'stall', 'drip', 'slowstatus', 'slowheader', 'slowchunk', 'emptygzip', 'emptydeflate'})  # end only at a deadline or a cap
 
-# %% ../nbs/06_demo.ipynb #c7c247e9
+# %% ../nbs/06_demo.ipynb #d120265a
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'laion_nb-demo/1'
@@ -136,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(code, f'HTTP {code}'.encode(), 'text/plain', [('Retry-After', '1')] if code in (429, 503) else [])
     def r_html(self, i, ext, n): self._send(200, b'<!doctype html><html><body><p>Image removed</p></body></html>', 'text/html')
 
-# %% ../nbs/06_demo.ipynb #cc0676de
+# %% ../nbs/06_demo.ipynb #957f6d70
 def _bomb_png(w=60000, h=60000) -> bytes:
     "A PNG whose header claims w x h pixels; the data is a few bytes."
     def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
@@ -158,7 +158,7 @@ def r_truncated(self:_Handler, i, ext, n): data = demo_image(i); self._send(200,
 @patch
 def r_garbage(self:_Handler, i, ext, n): self._send(200, random.Random(i).randbytes(5000))
 
-# %% ../nbs/06_demo.ipynb #7ecfa44a
+# %% ../nbs/06_demo.ipynb #49788d70
 @patch
 def r_redirect(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/img/{i}.jpg')])
 @patch
@@ -173,11 +173,12 @@ def r_flaky(self:_Handler, i, ext, n):
 def r_echo(self:_Handler, i, ext, n):
     self._send(200, json.dumps({'request': self.requestline, 'headers': dict(self.headers)}).encode(), 'application/json')
 
-# %% ../nbs/06_demo.ipynb #b051901d
+# %% ../nbs/06_demo.ipynb #d2a58914
 @patch
-def r_stall(self:_Handler, i, ext, n): self.server.owner._closing.wait(120)
+def r_stall(self:_Handler, i, ext, n): self.close_connection = True; self.server.owner._closing.wait(120)
 @patch
 def r_drip(self:_Handler, i, ext, n):
+    self.close_connection = True  # when the server stops, the connection ends too (not wait for a next request)
     self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
     self.send_header('Content-Length', str(10**6)); self.end_headers()
     while not self.server.owner._closing.wait(0.2): self.wfile.write(b'\xff'); self.wfile.flush()
@@ -200,7 +201,7 @@ def r_endless(self:_Handler, i, ext, n):
     block = demo_image(i)
     while not self.server.owner._closing.is_set(): self.wfile.write(block)
 
-# %% ../nbs/06_demo.ipynb #7f76beb9
+# %% ../nbs/06_demo.ipynb #43eaf383
 @patch
 def _drip(self:_Handler, head:bytes, byte:bytes=b' ', every:float=0.2):
     "Send `head`, then `byte` every `every` seconds until the server stops or the client hangs up."
@@ -234,7 +235,7 @@ def r_emptydeflate(self:_Handler, i, ext, n):
                      b'Transfer-Encoding: chunked\r\n\r\n2\r\n\x78\x9c\r\n')  # a zlib header, then blocks forever
     while not self.server.owner._closing.is_set(): self.wfile.write(chunk)
 
-# %% ../nbs/06_demo.ipynb #87ddc778
+# %% ../nbs/06_demo.ipynb #ccd7b097
 def _save(im:Image.Image, fmt:str, **kw) -> bytes:
     buf = io.BytesIO(); im.save(buf, fmt, **kw); return buf.getvalue()
 
@@ -306,7 +307,7 @@ def _tarpit(listener:socket.socket, closing:threading.Event):
         except OSError: return
         threading.Thread(target=drip, args=(conn,), daemon=True, name='laion_nb-demo-tarpit').start()
 
-# %% ../nbs/06_demo.ipynb #6ace7c13
+# %% ../nbs/06_demo.ipynb #26502a19
 class ImageServer:
     "The demo's image server on 127.0.0.1 (ephemeral port); a context manager. `hits` counts requests per path."
     def __init__(self, latency:float=0.0,  # seconds to wait before every answer
@@ -346,7 +347,7 @@ class ImageServer:
     def __repr__(self): return f'ImageServer({self.base if self._httpd else "stopped"}, latency={self.latency})'
 
 
-# %% ../nbs/06_demo.ipynb #eb6cadf6
+# %% ../nbs/06_demo.ipynb #d28387cc
 @patch(as_prop=True)
 def port(self:ImageServer) -> int: return self._httpd.server_address[1]
 @patch(as_prop=True)

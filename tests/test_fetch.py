@@ -174,3 +174,23 @@ def test_hanging_false_leaves_out_what_ends_only_at_a_deadline(server, tmp_path)
     mixed = demo.demo_urls(server, n=200, fail_share=0.5, failures=demo.HOSTILE + ['status/404'], hanging=False)
     assert not [u for u in mixed if u.split('/')[3] in demo.HANGING]
     assert len(demo.demo_urls(server, hostile=True)) == len(demo.demo_urls(server)) + len(demo.HOSTILE) + len(demo.ODD_IMAGES) + 1
+
+
+def test_hanging_routes_end_when_the_server_stops():
+    "Clients that never read: every hostile route's thread still ends soon after the server stops."
+    before = threading.active_count()
+    s = demo.ImageServer().start()
+    clients = []
+    for route in HANGING + FLOODS:
+        c = socket.create_connection(('127.0.0.1', s.port)); c.sendall(f'GET /{route} HTTP/1.1\r\nHost: x\r\n\r\n'.encode())
+        clients.append(c)
+    clients.append(socket.create_connection(('127.0.0.1', int(s.slow_tls_url.split(':')[2].split('/')[0]))))
+    time.sleep(0.5)
+    assert threading.active_count() >= before + len(clients)
+    s.stop()
+    t = time.monotonic()
+    while threading.active_count() > before and time.monotonic() < t + 8: time.sleep(0.05)
+    print(f'threads ended {time.monotonic() - t:.2f} s after stop')
+    left = [t.name for t in threading.enumerate()][before:]
+    for c in clients: c.close()
+    assert threading.active_count() <= before, left
