@@ -80,6 +80,18 @@ def test_a_dripping_tls_handshake_ends_at_the_deadline(server):
     assert kind == 'timeout' and took < TIMEOUT + MARGIN and 'TLS handshake' in msg, (kind, msg, took)
 
 
+def test_a_connection_never_accepted_ends_at_the_deadline():
+    "The connect phase: a listener whose queue is full drops the SYN, so connect() waits; the deadline ends it."
+    with socket.socket() as srv:
+        srv.bind(('127.0.0.1', 0)); srv.listen(0)
+        fill = [socket.socket() for _ in range(4)]
+        for c in fill: c.setblocking(False); c.connect_ex(srv.getsockname())
+        time.sleep(0.2)
+        kind, msg, took = timed(fetcher(), f'http://127.0.0.1:{srv.getsockname()[1]}/a.jpg')
+        for c in fill: c.close()
+    assert kind == 'timeout' and took < TIMEOUT + MARGIN and 'while connecting' in msg, (kind, msg, took)
+
+
 @pytest.mark.parametrize('tls', [False, True])
 @pytest.mark.parametrize('route', FLOODS)
 def test_endless_bodies_end_at_the_cap_or_the_deadline(server, tls_server, cert, route, tls):
