@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_demo.ipynb #4c421e73
 from __future__ import annotations
-import argparse, gzip, io, json, math, os, random, socket, ssl, struct, sys, tempfile, threading, time, wave
+import argparse, gzip, io, json, math, os, random, socket, ssl, struct, sys, tempfile, threading, time, wave, zlib
 from collections import Counter
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fastcore.basics import patch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['VARIANTS', 'ROUTES', 'DEMO_FAILURES', 'DEMO_GOOD', 'BENCH_FAILURES', 'CLIP_COLUMNS', 'ESC50_DEMO_CLASSES',
-           'demo_size', 'demo_image', 'ImageServer', 'demo_urls', 'make_demo_dump', 'make_demo_esc50', 'run_demo',
-           'main']
+__all__ = ['VARIANTS', 'ROUTES', 'HANGING', 'DEMO_FAILURES', 'DEMO_GOOD', 'BENCH_FAILURES', 'HOSTILE', 'ODD_IMAGES',
+           'CLIP_COLUMNS', 'ESC50_DEMO_CLASSES', 'demo_size', 'demo_image', 'odd_image', 'ImageServer', 'demo_urls',
+           'make_demo_dump', 'make_demo_esc50', 'run_demo', 'main']
 
 # %% ../nbs/06_demo.ipynb #a92f8e69
 VARIANTS = 48  # distinct pictures; id k shows picture k % VARIANTS
@@ -76,15 +77,23 @@ ROUTES = {
     'gzip':      'a JPEG sent gzip-compressed (Content-Encoding: gzip)',
     'flaky':     '503 twice for each id, then the picture',
     'echo':      'the request line and headers, as JSON (to check what a client sends)',
+    # hostile servers: each holds a client that trusts a socket timeout for ever
+    'slowstatus':   'drips the status line, one byte every 0.2 s, and never ends it',
+    'slowheader':   'a status line, then a header whose value drips one byte every 0.2 s',
+    'slowchunk':    'a chunked body whose next chunk-size line drips one byte every 0.2 s',
+    'emptygzip':    'gzip (no length) made of empty deflate blocks, sent as fast as it goes: decodes to nothing, never ends',
+    'emptydeflate': 'the same as chunked deflate with a zlib header',
+    # odd images: real pictures that are easy to get wrong
+    'deep':      'a 16-bit grayscale PNG (mean about half of full scale)',
+    'float':     'a 32-bit float TIFF (mode F) with values from 0 to 1',
+    'exif':      'a 320x200 JPEG with EXIF orientation 6 (shown rotated, 200x320)',
+    'liar':      'a 200x200 JPEG whose SOF header claims 9000x9000',
+    'trailing':  'a JPEG with an HTML page appended after its end (EOI)',
+    'sparse':    'a 1-bit PNG of about 12 KB that declares 10000x10000',
 }
+HANGING = frozenset({'stall', 'drip', 'slowstatus', 'slowheader', 'slowchunk', 'emptygzip', 'emptydeflate'})  # end only at a deadline or a cap
 
-def _bomb_png(w=60000, h=60000) -> bytes:
-    "A PNG whose header claims w x h pixels; the data is a few bytes."
-    import zlib
-    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
-            + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
-
+# %% ../nbs/06_demo.ipynb #d120265a
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'laion_nb-demo/1'
@@ -126,42 +135,144 @@ class _Handler(BaseHTTPRequestHandler):
     def r_status(self, code, ext, n):
         self._send(code, f'HTTP {code}'.encode(), 'text/plain', [('Retry-After', '1')] if code in (429, 503) else [])
     def r_html(self, i, ext, n): self._send(200, b'<!doctype html><html><body><p>Image removed</p></body></html>', 'text/html')
-    def r_small(self, i, ext, n): self._send(200, demo_image(i, 'jpg', (32, 32)))
-    def r_wide(self, i, ext, n): self._send(200, _wide_png(), 'image/png')
-    def r_bomb(self, i, ext, n): self._send(200, _bomb_png(), 'image/png')
-    def r_truncated(self, i, ext, n): data = demo_image(i); self._send(200, data[:len(data) // 2])
-    def r_garbage(self, i, ext, n): self._send(200, random.Random(i).randbytes(5000))
-    def r_redirect(self, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/img/{i}.jpg')])
-    def r_loop(self, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/loop/{i}')])
-    def r_noai(self, i, ext, n): self._send(200, demo_image(i), 'image/jpeg', [('X-Robots-Tag', 'noai')])
-    def r_flaky(self, i, ext, n):
-        if n <= 2: return self.r_status(503, ext, n)
-        self._send(200, demo_image(i))
-    def r_echo(self, i, ext, n):
-        self._send(200, json.dumps({'request': self.requestline, 'headers': dict(self.headers)}).encode(), 'application/json')
-    def r_stall(self, i, ext, n): self.server.owner._closing.wait(120)
-    def r_drip(self, i, ext, n):
-        self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
-        self.send_header('Content-Length', str(10**6)); self.end_headers()
-        while not self.server.owner._closing.wait(0.2): self.wfile.write(b'\xff'); self.wfile.flush()
-    def r_reset(self, i, ext, n):
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
-        with self.server.owner._lock: self.server.resets.add(self.connection.fileno())
-        self.close_connection = True
-    def r_huge(self, i, ext, n):
-        self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
-        self.send_header('Content-Length', str(2**30)); self.end_headers()
-        self.wfile.write(demo_image(i))  # the client stops here: the length alone is too much
-    def r_endless(self, i, ext, n):
-        self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
-        self.send_header('Connection', 'close'); self.end_headers()
-        self.close_connection = True
-        block = demo_image(i)
-        while not self.server.owner._closing.is_set(): self.wfile.write(block)
+
+# %% ../nbs/06_demo.ipynb #957f6d70
+def _bomb_png(w=60000, h=60000) -> bytes:
+    "A PNG whose header claims w x h pixels; the data is a few bytes."
+    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
 
 @lru_cache(maxsize=1)
 def _wide_png() -> bytes:
     buf = io.BytesIO(); Image.new('RGB', (10001, 80), (200, 120, 40)).save(buf, 'PNG'); return buf.getvalue()
+
+@patch
+def r_small(self:_Handler, i, ext, n): self._send(200, demo_image(i, 'jpg', (32, 32)))
+@patch
+def r_wide(self:_Handler, i, ext, n): self._send(200, _wide_png(), 'image/png')
+@patch
+def r_bomb(self:_Handler, i, ext, n): self._send(200, _bomb_png(), 'image/png')
+@patch
+def r_truncated(self:_Handler, i, ext, n): data = demo_image(i); self._send(200, data[:len(data) // 2])
+@patch
+def r_garbage(self:_Handler, i, ext, n): self._send(200, random.Random(i).randbytes(5000))
+
+# %% ../nbs/06_demo.ipynb #49788d70
+@patch
+def r_redirect(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/img/{i}.jpg')])
+@patch
+def r_loop(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/loop/{i}')])
+@patch
+def r_noai(self:_Handler, i, ext, n): self._send(200, demo_image(i), 'image/jpeg', [('X-Robots-Tag', 'noai')])
+@patch
+def r_flaky(self:_Handler, i, ext, n):
+    if n <= 2: return self.r_status(503, ext, n)
+    self._send(200, demo_image(i))
+@patch
+def r_echo(self:_Handler, i, ext, n):
+    self._send(200, json.dumps({'request': self.requestline, 'headers': dict(self.headers)}).encode(), 'application/json')
+
+# %% ../nbs/06_demo.ipynb #d2a58914
+@patch
+def r_stall(self:_Handler, i, ext, n): self.close_connection = True; self.server.owner._closing.wait(120)
+@patch
+def r_drip(self:_Handler, i, ext, n):
+    self.close_connection = True  # when the server stops, the connection ends too (not wait for a next request)
+    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
+    self.send_header('Content-Length', str(10**6)); self.end_headers()
+    while not self.server.owner._closing.wait(0.2): self.wfile.write(b'\xff'); self.wfile.flush()
+@patch
+def r_reset(self:_Handler, i, ext, n):
+    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    with self.server.owner._lock: self.server.resets.add(self.connection.fileno())
+    self.close_connection = True
+@patch
+def r_huge(self:_Handler, i, ext, n):
+    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
+    self.send_header('Content-Length', str(2**30)); self.end_headers()
+    self.wfile.write(demo_image(i))  # the client stops here: the length alone is too much
+@patch
+def r_endless(self:_Handler, i, ext, n):
+    self.connection.settimeout(1)  # a client that stops reading ends the route too
+    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
+    self.send_header('Connection', 'close'); self.end_headers()
+    self.close_connection = True
+    block = demo_image(i)
+    while not self.server.owner._closing.is_set(): self.wfile.write(block)
+
+# %% ../nbs/06_demo.ipynb #43eaf383
+@patch
+def _drip(self:_Handler, head:bytes, byte:bytes=b' ', every:float=0.2):
+    "Send `head`, then `byte` every `every` seconds until the server stops or the client hangs up."
+    self.close_connection = True
+    self.wfile.write(head); self.wfile.flush()
+    while not self.server.owner._closing.wait(every): self.wfile.write(byte); self.wfile.flush()
+
+@patch
+def r_slowstatus(self:_Handler, i, ext, n): self._drip(b'HTTP/1.1 200 OK')
+@patch
+def r_slowheader(self:_Handler, i, ext, n): self._drip(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Slow: ', b'a')
+@patch
+def r_slowchunk(self:_Handler, i, ext, n):
+    first = demo_image(i)[:1000]
+    self._drip(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n'
+               + f'{len(first):x}\r\n'.encode() + first + b'\r\n', b'0')  # '000...' never ends its line
+
+_EMPTY_BLOCKS = b'\x00\x00\x00\xff\xff' * 13107  # 64 KB of empty stored deflate blocks: they decode to nothing
+
+@patch
+def r_emptygzip(self:_Handler, i, ext, n):
+    self.close_connection = True; self.connection.settimeout(1)
+    self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n'
+                     + b'\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff')  # a gzip header, then blocks forever
+    while not self.server.owner._closing.is_set(): self.wfile.write(_EMPTY_BLOCKS)
+@patch
+def r_emptydeflate(self:_Handler, i, ext, n):
+    self.close_connection = True; self.connection.settimeout(1)
+    chunk = f'{len(_EMPTY_BLOCKS):x}\r\n'.encode() + _EMPTY_BLOCKS + b'\r\n'
+    self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Encoding: deflate\r\n'
+                     b'Transfer-Encoding: chunked\r\n\r\n2\r\n\x78\x9c\r\n')  # a zlib header, then blocks forever
+    while not self.server.owner._closing.is_set(): self.wfile.write(chunk)
+
+# %% ../nbs/06_demo.ipynb #ccd7b097
+def _save(im:Image.Image, fmt:str, **kw) -> bytes:
+    buf = io.BytesIO(); im.save(buf, fmt, **kw); return buf.getvalue()
+
+def odd_image(kind:str, i:int=0) -> bytes:
+    "The bytes the server sends for odd image route `kind` (deep, float, exif, liar, trailing, sparse) and id `i`."
+    return _odd(kind, 0 if kind == 'sparse' else i % VARIANTS)
+
+@lru_cache(maxsize=64)
+def _odd(kind, i):
+    gray = np.asarray(_pixels(i, 320, 240).convert('L'))
+    if kind == 'deep': return _save(Image.fromarray(gray.astype(np.uint16) * 257), 'PNG')        # 16-bit: 0..65535
+    if kind == 'float': return _save(Image.fromarray(gray.astype(np.float32) / 255, 'F'), 'TIFF')  # float: 0..1
+    if kind == 'exif':
+        exif = Image.Exif(); exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+        return _save(_pixels(i, 320, 200), 'JPEG', quality=85, exif=exif)
+    if kind == 'liar':
+        data = bytearray(demo_image(i, 'jpg', (200, 200)))
+        sof = data.index(b'\xff\xc0')                      # baseline SOF: marker, length, precision, height, width
+        data[sof + 5:sof + 9] = struct.pack('>HH', 9000, 9000)
+        return bytes(data)
+    if kind == 'trailing': return demo_image(i) + b'<!doctype html><html><body>ad</body></html>\n' * 20
+    if kind == 'sparse': return _sparse_png()
+    raise ValueError(f'unknown odd image {kind!r}')
+
+def _sparse_png(side=10000) -> bytes:
+    "A 1-bit PNG of side x side pixels, a white square on black: 12.5 MB of pixels in about 12 KB, written row by row."
+    blank, box = b'\0' * (side // 8 + 1), b'\0' + b'\0' * (side // 20) + b'\xff' * (side // 40) + b'\0' * (side // 8 - side // 20 - side // 40)
+    rows = blank * (2 * side // 5) + box * (side // 5) + blank * (2 * side // 5)
+    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
+
+_ODD_TYPES = {'deep': 'image/png', 'float': 'image/tiff', 'exif': 'image/jpeg', 'liar': 'image/jpeg',
+              'trailing': 'image/jpeg', 'sparse': 'image/png'}
+for _kind, _ctype in _ODD_TYPES.items():
+    def _route(self, i, ext, n, kind=_kind, ctype=_ctype): self._send(200, odd_image(kind, i), ctype)
+    setattr(_Handler, f'r_{_kind}', _route)
 
 # %% ../nbs/06_demo.ipynb #70da9c68
 class _Server(ThreadingHTTPServer):
@@ -182,6 +293,21 @@ class _Server(ThreadingHTTPServer):
         if reset: request.close()
         else: super().shutdown_request(request)
 
+def _tarpit(listener:socket.socket, closing:threading.Event):
+    "Accept connections on `listener` and answer each with the start of a TLS record, then a byte every 0.2 s."
+    def drip(conn):
+        with conn:
+            try:
+                conn.sendall(b'\x16\x03\x03\x40\x00\x02')  # a handshake record of 16 KB, a ServerHello... never finished
+                while not closing.wait(0.2): conn.sendall(b'\x00')
+            except OSError: pass
+    while not closing.is_set():
+        try: conn, _ = listener.accept()
+        except socket.timeout: continue
+        except OSError: return
+        threading.Thread(target=drip, args=(conn,), daemon=True, name='laion_nb-demo-tarpit').start()
+
+# %% ../nbs/06_demo.ipynb #26502a19
 class ImageServer:
     "The demo's image server on 127.0.0.1 (ephemeral port); a context manager. `hits` counts requests per path."
     def __init__(self, latency:float=0.0,  # seconds to wait before every answer
@@ -193,6 +319,7 @@ class ImageServer:
 
     def start(self) -> 'ImageServer':
         "Start serving in a background thread."
+        self._closing.clear()
         self._httpd = _Server(('127.0.0.1', self._port), _Handler)
         self._httpd.owner, self._httpd.resets = self, set()
         if self.tls:  # the handshake happens in the request's thread, on its first read
@@ -200,32 +327,44 @@ class ImageServer:
             self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True, do_handshake_on_connect=False)
         # a port that is bound but never listens: connections to it are refused (the `connect` error)
         self._refuser = socket.socket(); self._refuser.bind(('127.0.0.1', 0))
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={'poll_interval': 0.1}, daemon=True)
-        self._thread.start()
+        # a port that accepts and drips a TLS handshake that never ends
+        self._slow = socket.create_server(('127.0.0.1', 0)); self._slow.settimeout(0.1)
+        self._threads = [threading.Thread(target=self._httpd.serve_forever, kwargs={'poll_interval': 0.1}, daemon=True),
+                         threading.Thread(target=_tarpit, args=(self._slow, self._closing), daemon=True)]
+        for t in self._threads: t.start()
         return self
 
-    @property
-    def port(self) -> int: return self._httpd.server_address[1]
-    @property
-    def base(self) -> str: return f'{"https" if self.tls else "http"}://127.0.0.1:{self.port}'
-    def url(self, route:str) -> str:
-        "The URL of `route`, e.g. `img/3.jpg` or `status/404`."
-        return f'{self.base}/{route.lstrip("/")}'
-    @property
-    def refused_url(self) -> str:
-        "A URL on 127.0.0.1 where nothing listens."
-        return f'http://127.0.0.1:{self._refuser.getsockname()[1]}/img/1.jpg'
-
     def stop(self):
-        "Stop serving; hanging routes (stall, drip, endless) end too."
+        "Stop serving; hanging routes (stall, drip, the hostile ones, the slow TLS port) end too."
         if self._httpd is None: return
         self._closing.set()
         self._httpd.shutdown(); self._httpd.server_close(); self._refuser.close()
+        self._threads[1].join(); self._slow.close()
         self._httpd = None
 
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
     def __repr__(self): return f'ImageServer({self.base if self._httpd else "stopped"}, latency={self.latency})'
+
+
+# %% ../nbs/06_demo.ipynb #d28387cc
+@patch(as_prop=True)
+def port(self:ImageServer) -> int: return self._httpd.server_address[1]
+@patch(as_prop=True)
+def base(self:ImageServer) -> str: return f'{"https" if self.tls else "http"}://127.0.0.1:{self.port}'
+@patch
+def url(self:ImageServer, route:str) -> str:
+    "The URL of `route`, e.g. `img/3.jpg` or `status/404`."
+    return f'{self.base}/{route.lstrip("/")}'
+@patch(as_prop=True)
+def refused_url(self:ImageServer) -> str:
+    "A URL on 127.0.0.1 where nothing listens."
+    return f'http://127.0.0.1:{self._refuser.getsockname()[1]}/img/1.jpg'
+@patch(as_prop=True)
+def slow_tls_url(self:ImageServer) -> str:
+    "An https URL on 127.0.0.1 whose server drips its TLS handshake a byte every 0.2 s, forever."
+    return f'https://127.0.0.1:{self._slow.getsockname()[1]}/img/1.jpg'
+
 
 # %% ../nbs/06_demo.ipynb #c5d2da81
 DEMO_FAILURES = ['status/404', 'status/403', 'status/410', 'status/500', 'status/503', 'status/429', 'html/{i}',
@@ -235,21 +374,31 @@ DEMO_GOOD = ['img/{i}.jpg', 'img/{i}.jpg', 'img/{i}.png', 'img/{i}.jpg', 'img/{i
              'rgba/{i}.png', 'redirect/{i}', 'flaky/{i}.jpg', 'img/{i}.jpg']
 BENCH_FAILURES = ['status/404', 'status/403', 'status/410', 'html/{i}', 'small/{i}.jpg', 'truncated/{i}.jpg',
                   'garbage/{i}.jpg', 'status/500', 'loop/{i}', 'reset/{i}']  # the quick failures: none of them hangs
+HOSTILE = ['slowstatus/{i}', 'slowheader/{i}', 'slowchunk/{i}.jpg', 'emptygzip/{i}.jpg', 'emptydeflate/{i}.jpg']
+ODD_IMAGES = ['deep/{i}.png', 'float/{i}.tif', 'exif/{i}.jpg', 'liar/{i}.jpg', 'trailing/{i}.jpg', 'sparse/{i}.png']
 CLIP_COLUMNS = ['image_path', 'caption', 'NSFW', 'similarity', 'LICENSE', 'url', 'key', 'status', 'error_message',
                 'width', 'height', 'original_width', 'original_height', 'exif', 'md5']
 _WORDS = ('a red barn', 'two cats on a sofa', 'mountain lake at dawn', 'street food in Hà Nội', 'café au lait',
           'vintage bicycle', 'a bowl of ramen ラーメン', 'sunflowers', 'old map of Berlin', 'a dog catching a frisbee',
           'wooden chair', 'city skyline at night')
 
+def _hangs(route:str) -> bool: return route.split('/', 1)[0] in HANGING
+
 def demo_urls(server:ImageServer, n:int|None=None, fail_share:float=0.1, seed:int=0, failures=BENCH_FAILURES,
-              size:tuple[int, int]|None=None) -> list[str]:
+              size:tuple[int, int]|None=None,
+              hanging:bool=True,  # False: leave out the routes that end only at a deadline or a cap (stall, drip, the hostile ones)
+              hostile:bool=False, # default mix only: add the hostile routes, the slow TLS port and the odd images
+             ) -> list[str]:
     "The URLs of a demo dump: every failure once among good pictures, or `n` rows with `fail_share` failing (cycling through `failures`)."
     if n is None:
-        urls = [server.url(r.format(i=i)) for i, r in enumerate(DEMO_FAILURES)]
+        routes = DEMO_FAILURES + (HOSTILE + ODD_IMAGES if hostile else [])
+        urls = [server.url(r.format(i=i)) for i, r in enumerate(routes) if hanging or not _hangs(r)]
         urls += ['', 'ftp://127.0.0.1/a.jpg', 'http://no-such-host.invalid/a.jpg', server.refused_url]
+        if hostile and hanging: urls.append(server.slow_tls_url)
         urls += [server.url(DEMO_GOOD[k % len(DEMO_GOOD)].format(i=100 + k)) for k in range(26)]
         random.Random(seed).shuffle(urls)
         return urls
+    failures = [r for r in failures if hanging or not _hangs(r)] or BENCH_FAILURES
     rng, urls, f = random.Random(seed), [], 0
     for i in range(n):
         if rng.random() < fail_share: urls.append(server.url(failures[f % len(failures)].format(i=i))); f += 1
@@ -266,10 +415,12 @@ def make_demo_dump(root:str|Path,                 # the dump's folder (created)
                    seed:int=0,
                    failures:list[str]=BENCH_FAILURES, # with `n`: the routes of failing rows, cycled through
                    size:tuple[int, int]|None=None,   # with `n`: the size of every good picture (None: varied, up to 480x360)
+                   hanging:bool=True,             # False: no row that ends only at a deadline or a cap (stall, drip, hostile)
+                   hostile:bool=False,            # default mix only: add the hostile routes, the slow TLS port and the odd images
                   ) -> Path:
     "Write a demo dump in the guide's layout under `root`, its URLs on `server`; returns `root`."
     root = Path(root)
-    urls = demo_urls(server, n, fail_share, seed, failures, size)
+    urls = demo_urls(server, n, fail_share, seed, failures, size, hanging=hanging, hostile=hostile)
     rng = np.random.default_rng(seed)
     n = len(urls); shard_rows = shard_rows or n
     caps = [_WORDS[i % len(_WORDS)] + f' #{i}' for i in range(n)]

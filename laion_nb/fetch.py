@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_fetch.ipynb #9918c37b
 from __future__ import annotations
-import http.client, ipaddress, os, random, socket, threading, time
+import heapq, http.client, ipaddress, math, numbers, os, random, socket, ssl, threading, time, zlib
 from dataclasses import dataclass
 from urllib.parse import urljoin
 from urllib.request import getproxies, proxy_bypass_environment
@@ -20,19 +20,20 @@ import laion_nb
 from .errors import SampleError
 
 # %% auto #0
-__all__ = ['USER_AGENT', 'OPT_OUT_TAGS', 'FetchConfig', 'public_address', 'split_url', 'resolve', 'check_host', 'check_address',
-           'pool_manager', 'opted_out', 'Fetched', 'Fetcher', 'backoff_delay']
+__all__ = ['USER_AGENT', 'OPT_OUT_TAGS', 'MAX_TIMEOUT', 'MAX_RETRIES', 'FetchConfig', 'public_address', 'split_url', 'resolve',
+           'check_host', 'check_address', 'pool_manager', 'opted_out', 'Fetched', 'Fetcher', 'backoff_delay']
 
 # %% ../nbs/01_fetch.ipynb #d5ee40b7
 USER_AGENT = f'laion_nb/{laion_nb.__version__} (+https://github.com/laion-nb/laion_nb; image-text dataset downloader)'
 OPT_OUT_TAGS = frozenset({'noai', 'noimageai'})
+MAX_TIMEOUT, MAX_RETRIES = 3600.0, 100  # an hour per attempt, a hundred retries: more is a typo, not a plan
 
 @dataclass
 class FetchConfig:
     "How to fetch one URL."
     timeout:float=10.0             # seconds per attempt, from the name lookup to the last byte
     retries:int=3                  # extra attempts after a transient failure
-    max_bytes:int=32*2**20         # bodies larger than this are refused (`too_many_bytes`)
+    max_bytes:int=32*2**20         # bodies larger than this, as sent or decoded, are refused (`too_many_bytes`)
     max_redirects:int=5            # more redirects than this are refused (`too_many_redirects`)
     respect_opt_out:bool=True      # refuse responses whose X-Robots-Tag says noai or noimageai
     allow_private_networks:bool=False # fetch from private, loopback and link-local addresses too
@@ -42,9 +43,15 @@ class FetchConfig:
     user_agent:str=USER_AGENT
 
     def __post_init__(self):
-        if not self.timeout > 0: raise ValueError(f'timeout must be > 0 seconds, got {self.timeout}')
-        if self.retries < 0: raise ValueError(f'retries must be >= 0, got {self.retries}')
-        if self.max_bytes <= 0: raise ValueError(f'max_bytes must be > 0, got {self.max_bytes}')
+        def number(name, lo, hi, open_lo=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if open_lo else v >= lo) and v <= hi
+            if not ok: raise ValueError(f"{name} must be {'>' if open_lo else '>='} {lo:g} and <= {hi:g} seconds, got {v!r}")
+        number('timeout', 0, MAX_TIMEOUT, open_lo=True)   # seconds, finite: 'inf' would make every deadline a lie
+        if not isinstance(self.retries, numbers.Integral) or not 0 <= self.retries <= MAX_RETRIES:
+            raise ValueError(f'retries must be a whole number >= 0 and <= {MAX_RETRIES}, got {self.retries!r}')
+        if not 0 < self.max_bytes < math.inf: raise ValueError(f'max_bytes must be > 0 and finite, got {self.max_bytes!r}')
+        number('backoff', 0, MAX_TIMEOUT); number('max_backoff', 0, MAX_TIMEOUT)
 
 # %% ../nbs/01_fetch.ipynb #121b2ffe
 _NAT64 = ipaddress.ip_network('64:ff9b::/96')
@@ -109,21 +116,114 @@ def check_address(url:str, allow_private:bool=False, timeout:float=10.0) -> str:
     _, host, port = split_url(url)
     return check_host(host, port, allow_private, timeout)
 
+# %% ../nbs/01_fetch.ipynb #2b37e6e2
+class _Watch:
+    "One attempt in flight: its deadline, where it is and what it is doing, and the reaper's duplicates of its sockets' descriptors."
+    __slots__ = ('deadline', 'socks', 'fired', 'done', 'phase', 'where')
+    def __init__(self, deadline:float):
+        self.deadline, self.socks, self.fired, self.done = deadline, [], False, False
+        self.phase, self.where = 'looking up the host', 'the server'
+
+def _shut(fd:int):
+    "Shut down the connection of descriptor `fd` (a duplicate: the connection's own descriptor is left as it is)."
+    try:
+        s = socket.socket(fileno=fd)
+        try: s.shutdown(socket.SHUT_RDWR)
+        finally: s.detach()
+    except OSError: pass
+
+# %% ../nbs/01_fetch.ipynb #905fdabd
+class _Reaper:
+    "One thread per process that shuts down the sockets of attempts past their deadline."
+    tick = 0.02  # seconds: the reaper wakes at most this often, so a deadline is kept to within this much
+
+    def __init__(self): self._reset()
+    def _reset(self):
+        old = getattr(self, 'heap', [])
+        self.heap, self.dead, self.thread, self.cond = [], 0, None, threading.Condition(threading.Lock())
+        for _, _, w in old:  # in a forked child: the parent's duplicates are of no use here
+            for fd in w.socks:
+                try: os.close(fd)
+                except OSError: pass
+
+    def watch(self, deadline:float) -> _Watch:
+        "A new watch for an attempt that must end by `deadline` (a `time.monotonic()` time)."
+        w = _Watch(deadline)
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True, name='laion_nb-reaper'); self.thread.start()
+            heapq.heappush(self.heap, (deadline, id(w), w))
+            if self.heap[0][2] is w: self.cond.notify()
+        return w
+
+    def add(self, w:_Watch, sock:socket.socket):
+        "Shut `sock` down if `w`'s deadline passes before `w` is released."
+        try: dup = os.dup(sock.fileno())
+        except (OSError, ValueError): return
+        with self.cond:
+            if w.done: return os.close(dup)
+            w.socks.append(dup)
+            if w.fired: _shut(dup)
+
+    def release(self, w:_Watch):
+        "The attempt is over: forget its sockets (their duplicates are closed)."
+        with self.cond:
+            w.done = True
+            for fd in w.socks: os.close(fd)
+            w.socks = []
+            if not w.fired: self.dead += 1  # still in the heap
+            if self.dead > 1024 and 2 * self.dead > len(self.heap):
+                self.heap = [e for e in self.heap if not e[2].done]; heapq.heapify(self.heap); self.dead = 0
+
+# %% ../nbs/01_fetch.ipynb #80ffb04d
+@patch
+def _run(self:_Reaper):
+    "Shut down the sockets of attempts past their deadline, waking at most every `tick` seconds."
+    with self.cond:
+        while True:
+            now = time.monotonic()
+            while self.heap and self.heap[0][0] <= now:
+                w = heapq.heappop(self.heap)[2]
+                if w.done: self.dead -= 1; continue
+                w.fired = True
+                for fd in w.socks: _shut(fd)
+            self.cond.wait(max(self.heap[0][0] - now, self.tick) if self.heap else None)
+
+_reaper = _Reaper()
+os.register_at_fork(after_in_child=_reaper._reset)
+
 # %% ../nbs/01_fetch.ipynb #6cb17f62
-_pins = threading.local()  # host -> address checked by `check_address`, for this thread's next connection
+_pins = threading.local()  # .hosts: host -> address checked by `check_address`; .watch: this thread's attempt
 
 def _pinned(cls):
-    "A urllib3 connection class that connects to the pinned address of its host, if there is one."
+    "A urllib3 connection class that connects to the pinned address of its host, if any, and is watched by the reaper."
+    tls = issubclass(cls, urllib3.connection.HTTPSConnection)
     class Pinned(cls):
         def _new_conn(self):
+            w = getattr(_pins, 'watch', None)
+            if w is not None: w.phase = 'while connecting'
             ip = getattr(_pins, 'hosts', {}).get(self._dns_host)
-            if ip is None: return super()._new_conn()
-            host, self._dns_host = self._dns_host, ip
-            try: return super()._new_conn()
-            finally: self._dns_host = host
+            if ip is None: sock = super()._new_conn()
+            else:
+                host, self._dns_host = self._dns_host, ip
+                try: sock = super()._new_conn()
+                finally: self._dns_host = host
+            if w is not None:
+                _reaper.add(w, sock); self._watch = w
+                w.phase = 'during the TLS handshake' if tls else 'while sending the request'
+            return sock
+
+        def request(self, *args, **kwargs):
+            w = getattr(_pins, 'watch', None)
+            if w is None: return super().request(*args, **kwargs)
+            if self.sock is not None and getattr(self, '_watch', None) is not w: _reaper.add(w, self.sock); self._watch = w
+            w.phase = 'while sending the request'
+            super().request(*args, **kwargs)
+            w.phase = 'while waiting for the status line and headers'
     Pinned.__name__ = Pinned.__qualname__ = f'Pinned{cls.__name__}'
     return Pinned
 
+# %% ../nbs/01_fetch.ipynb #2a7cfad5
 class _PinnedHTTPPool(urllib3.HTTPConnectionPool): ConnectionCls = _pinned(urllib3.connection.HTTPConnection)
 class _PinnedHTTPSPool(urllib3.HTTPSConnectionPool): ConnectionCls = _pinned(urllib3.connection.HTTPSConnection)
 
@@ -171,22 +271,53 @@ def _retry_after(value) -> float|None:
 _DNS_WORDS = ('name or service not known', 'nodename nor servname', 'failed to resolve',
               'temporary failure in name resolution', 'no address associated')
 
-def _classify(e:Exception) -> SampleError:
-    "Map an exception of urllib3 or the socket layer to its error type."
+def _root(e:BaseException) -> BaseException:
+    "The innermost cause of `e`: urllib3 wraps the socket's and TLS's own errors, which say what happened."
+    for _ in range(8):
+        inner = e.__cause__ or next((a for a in e.args if isinstance(a, BaseException)), None)
+        if inner is None: break
+        e = inner
+    return e
+
+def _reason(e:BaseException) -> str:
+    "An exception's own words, without urllib3's object names or the C file it came from."
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, ssl.SSLError): return e.strerror.lower()
+    text = str(e).split(' (_ssl.c:')[0]
+    if ': ' in text and '(' in text.split(': ')[0]: text = text.split(': ', 1)[1]  # "HTTPConnection(host=...): Failed to ..."
+    return text[:200]
+
+# %% ../nbs/01_fetch.ipynb #a4e44c48
+def _classify(e:Exception, w:_Watch|None=None, timeout:float|None=None) -> SampleError:
+    "Map an exception of urllib3, TLS or the socket layer to its error type, with a message in the user's terms."
     if isinstance(e, SampleError): return e
-    text = str(e)
-    low = text.lower()
-    E = urllib3.exceptions
-    if isinstance(e, (E.TimeoutError, socket.timeout)) and not isinstance(e, E.NewConnectionError):  # (a subclass, for history)
-        return SampleError('timeout', f'timed out: {text[:200]}')
-    if isinstance(e, E.DecodeError): return SampleError('corrupt', f'cannot decode the body: {text[:200]}')
-    if isinstance(e, (E.LocationValueError, UnicodeError)): return SampleError('invalid_url', f'invalid URL: {text[:200]}')
-    if isinstance(e, (E.ProtocolError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.HTTPException)):
-        return SampleError('reset', f'connection reset: {text[:200]}')
-    if isinstance(e, (E.HTTPError, OSError)):  # could not connect: refused, unreachable, TLS, the proxy
-        if any(w in low for w in _DNS_WORDS): return SampleError('dns', f'cannot resolve host: {text[:200]}')
-        if 'timed out' in low: return SampleError('timeout', f'timed out: {text[:200]}')
-        return SampleError('connect', f'cannot connect: {text[:200]}')
+    E, root = urllib3.exceptions, _root(e)
+    where, phase = (w.where, w.phase) if w else ('the server', '')
+    after = f' after {timeout:g} s' if timeout else ''
+    if w is not None and w.fired: return SampleError('timeout', f'timed out{after} at {where} {phase}'.strip())
+    if isinstance(e, E.DecodeError): return SampleError('corrupt', f'cannot decode the body: {_reason(root)}')
+    if isinstance(e, (E.LocationValueError, UnicodeError)): return SampleError('invalid_url', f'invalid URL: {_reason(root)}')
+    if isinstance(e, E.ProxyError): return SampleError('connect', f'cannot connect through the proxy: {_reason(root)}')
+    text = f'{e} {root}'.lower()
+    if isinstance(e, E.NewConnectionError) or (w is not None and w.phase == 'while connecting'):
+        if isinstance(root, ConnectionRefusedError): return SampleError('connect', f'connection refused by {where}')
+        if isinstance(root, (TimeoutError, socket.timeout)) or 'timed out' in text:
+            return SampleError('timeout', f'connection to {where} timed out{after}')
+        if any(x in text for x in _DNS_WORDS): return SampleError('dns', f'cannot resolve {where}: {_reason(root)}')
+        return SampleError('connect', f'cannot connect to {where}: {_reason(root)}')
+    if isinstance(e, (E.TimeoutError, socket.timeout, TimeoutError)) or isinstance(root, (socket.timeout, TimeoutError)):
+        return SampleError('timeout', f'timed out{after} at {where} {phase}'.strip())
+    if isinstance(root, (ssl.SSLError, ssl.CertificateError)) and (w is None or 'TLS' in w.phase):
+        return SampleError('connect', f'TLS handshake with {where} failed: {_reason(root)}')
+    if isinstance(root, http.client.IncompleteRead):
+        return SampleError('reset', f'{where} closed the connection {phase} ({len(root.partial)} bytes read, {root.expected} more expected)'.replace('  ', ' '))
+    if isinstance(root, http.client.RemoteDisconnected): return SampleError('reset', f'{where} closed the connection without a response')
+    if isinstance(root, ConnectionResetError): return SampleError('reset', f'connection reset by {where} {phase}'.strip())
+    if isinstance(root, http.client.HTTPException): return SampleError('reset', f'{where} sent a broken response: {_reason(root)}')
+    if isinstance(e, (E.ProtocolError, E.SSLError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError)):
+        return SampleError('reset', f'the connection to {where} broke {phase}: {_reason(root)}'.replace('  ', ' '))
+    if isinstance(e, (E.HTTPError, OSError)):
+        if any(x in text for x in _DNS_WORDS): return SampleError('dns', f'cannot resolve {where}: {_reason(root)}')
+        return SampleError('connect', f'cannot connect to {where}: {_reason(root)}')
     raise e
 
 # %% ../nbs/01_fetch.ipynb #033878f7
@@ -220,25 +351,61 @@ class Fetcher:
         "Close this thread's connections."
         for pm in self._local.__dict__.pop('managers', {}).values(): pm.clear()
 
-# %% ../nbs/01_fetch.ipynb #6abd5ce5
+# %% ../nbs/01_fetch.ipynb #171429d3
 _CHUNK = 1 << 16  # bytes per read: larger reads cost more, as each allocates a buffer of that size
                   # (an 820 KB body: 0.5 ms of CPU in 64 KB reads, 2 ms in 1 MB reads, measured)
 
-def _read_body(r:urllib3.BaseHTTPResponse, cfg:FetchConfig, deadline:float) -> bytes:
-    chunks, size = [], 0
-    sock = getattr(r.connection, 'sock', None)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0: raise SampleError('timeout', f'body not complete after {cfg.timeout:g} s ({size} bytes read)')
-        if sock is not None:
-            try: sock.settimeout(left)
-            except OSError: pass
-        chunk = r.read1(_CHUNK)
-        if not chunk: break
-        chunks.append(chunk); size += len(chunk)
-        if size > cfg.max_bytes: raise SampleError('too_many_bytes', f'body exceeds {cfg.max_bytes} bytes')
-    return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+class _Inflate:
+    "A streaming gzip (one member or more) or deflate (zlib-wrapped or raw) decoder whose output is bounded."
+    def __init__(self, kind:str):
+        self.kind, self.head, self.members, self.rest_ignored = kind, b'', 0, False
+        self.d = zlib.decompressobj(31) if kind == 'gzip' else None
 
+    def feed(self, data:bytes, room:int) -> bytes:
+        "What `data` decodes to; `too_many_bytes` as soon as that is more than `room` bytes (nothing larger is made)."
+        if self.rest_ignored: return b''
+        if self.d is None:  # deflate: a zlib header or raw deflate, told apart by the first two bytes
+            self.head += data
+            if len(self.head) < 2: return b''
+            data, c = self.head, self.head
+            self.d = zlib.decompressobj(15 if c[0] & 0x0F == 8 and (c[0] << 8 | c[1]) % 31 == 0 else -15)
+        out, n = [], 0
+        while data:
+            try: piece = self.d.decompress(data, room - n + 1)
+            except zlib.error as e:
+                if self.members: self.rest_ignored = True; break  # junk after a whole gzip member: ignored, as browsers do
+                raise SampleError('corrupt', f'cannot decode the {self.kind} body: {e}', status=200) from None
+            out.append(piece); n += len(piece)
+            if n > room: raise SampleError('too_many_bytes', f'body decodes to more than {room} bytes', status=200)
+            data = b''
+            if self.d.eof:
+                self.members += 1
+                if self.kind == 'deflate': self.rest_ignored = True
+                elif self.d.unused_data: data, self.d = self.d.unused_data, zlib.decompressobj(31)  # the next member
+        return b''.join(out)
+
+    def flush(self) -> bytes: return b'' if self.d is None or self.rest_ignored else self.d.flush()
+
+def _decoders(r:urllib3.BaseHTTPResponse) -> list[_Inflate]|None:
+    "The decoders of the body's Content-Encoding, last applied first; None if one is unknown (the body is kept as sent)."
+    enc = r.headers.get('Content-Encoding')
+    if not enc: return []
+    names = [n.strip().lower() for n in enc.split(',')]
+    names = [{'x-gzip': 'gzip'}.get(n, n) for n in names if n not in ('', 'identity')]
+    if not all(n in ('gzip', 'deflate') for n in names): return None
+    return [_Inflate(n) for n in reversed(names)]
+
+# %% ../nbs/01_fetch.ipynb #0df576f1
+def _decoders(r:urllib3.BaseHTTPResponse) -> list[_Inflate]|None:
+    "The decoders of the body's Content-Encoding, last applied first; None if one is unknown (the body is kept as sent)."
+    enc = r.headers.get('Content-Encoding')
+    if not enc: return []
+    names = [n.strip().lower() for n in enc.split(',')]
+    names = [{'x-gzip': 'gzip'}.get(n, n) for n in names if n not in ('', 'identity')]
+    if not all(n in ('gzip', 'deflate') for n in names): return None
+    return [_Inflate(n) for n in reversed(names)]
+
+# %% ../nbs/01_fetch.ipynb #ca980f08
 def _check_head(r:urllib3.BaseHTTPResponse, cfg:FetchConfig):
     "Refuse a final response on its status and headers, before its body is read."
     if r.status != 200:
@@ -251,38 +418,71 @@ def _check_head(r:urllib3.BaseHTTPResponse, cfg:FetchConfig):
     if length and length.isdigit() and int(length) > cfg.max_bytes:
         raise SampleError('too_many_bytes', f'Content-Length {length} exceeds {cfg.max_bytes} bytes', status=200)
 
+def _next_hop(url:str, r:urllib3.BaseHTTPResponse, seen:list[str], cfg:FetchConfig) -> str:
+    "Where the redirect `r` from `url` points, or `too_many_redirects` for one too many or a loop."
+    seen.append(url)
+    target = urljoin(url, r.headers['Location'].strip())
+    if len(seen) > cfg.max_redirects or target in seen:
+        why = 'a redirect loop' if target in seen else f'more than {cfg.max_redirects} redirects'
+        raise SampleError('too_many_redirects', f'{why}, last to {target}', status=r.status)
+    return target
+
+# %% ../nbs/01_fetch.ipynb #6abd5ce5
+def _read_body(r:urllib3.BaseHTTPResponse, cfg:FetchConfig, deadline:float, w:_Watch) -> bytes:
+    "The whole body, decoded, within the deadline; the cap bounds the bytes read and the bytes decoded."
+    chunks, size, raw, cap, decoders = [], 0, 0, cfg.max_bytes, _decoders(r)
+    def too_late(): return SampleError('timeout', f'timed out after {cfg.timeout:g} s at {w.where} while reading the body ({raw} bytes read)')
+    while True:
+        if time.monotonic() >= deadline: raise too_late()
+        chunk = r.read1(_CHUNK, decode_content=False)
+        if not chunk: break
+        raw += len(chunk)
+        if raw > cap: raise SampleError('too_many_bytes', f'body exceeds {cap} bytes')
+        for d in decoders or (): chunk = d.feed(chunk, cap - size)
+        if chunk: chunks.append(chunk); size += len(chunk)
+    if w.fired: raise too_late()  # the reaper cut a body that had no length: what came is not all of it
+    tail = b''
+    for d in decoders or (): tail = d.feed(tail, cap - size) + d.flush()
+    if tail: chunks.append(tail); size += len(tail)
+    if size > cap: raise SampleError('too_many_bytes', f'body decodes to more than {cap} bytes')
+    return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+
+
+# %% ../nbs/01_fetch.ipynb #e0267cb2
 @patch
 def attempt(self:Fetcher, url:str) -> Fetched:
     "One try at `url` (redirects included) within `cfg.timeout` seconds, or a `SampleError`."
     cfg, deadline, seen = self.cfg, time.monotonic() + self.cfg.timeout, []
-    while True:
-        scheme, host, port = split_url(url)
-        ip = check_host(host, port, cfg.allow_private_networks, deadline - time.monotonic())
-        proxy = self.proxy_for(scheme, host)
-        _pins.hosts = {} if proxy else {host: ip}
-        left = deadline - time.monotonic()
-        if left <= 0: raise SampleError('timeout', f'no answer within {cfg.timeout:g} s')
-        try:
-            r = self.pools(proxy).urlopen('GET', url, timeout=urllib3.Timeout(connect=left, read=left), redirect=False,
-                                          preload_content=False, decode_content=True)
-        except Exception as e: raise _classify(e) from None
-        done = False
-        try:
-            if r.status in (301, 302, 303, 307, 308) and r.headers.get('Location'):
-                seen.append(url)
-                target = urljoin(url, r.headers['Location'])
-                if len(seen) > cfg.max_redirects or target in seen:
-                    why = 'a redirect loop' if target in seen else f'more than {cfg.max_redirects} redirects'
-                    raise SampleError('too_many_redirects', f'{why}, last to {target}', status=r.status)
-                url = target; continue
-            _check_head(r, cfg)
-            try: content = _read_body(r, cfg, deadline)
-            except SampleError as e: e.status = 200; raise
-            except Exception as e: raise _classify(e) from None
-            done = True
-            return Fetched(url, r.status, r.headers, content)
-        finally:
-            if not done: r.close(); r.release_conn()
+    if isinstance(url, str): url = url.strip()  # fetch what `split_url` checks
+    w = _pins.watch = _reaper.watch(deadline)
+    try:
+        while True:
+            scheme, host, port = split_url(url)
+            w.where, w.phase = f"{f'[{host}]' if ':' in host else host}:{port}", 'while looking up the host'
+            ip = check_host(host, port, cfg.allow_private_networks, deadline - time.monotonic())
+            proxy = self.proxy_for(scheme, host)
+            _pins.hosts = {} if proxy else {host: ip}
+            left = deadline - time.monotonic()
+            if left <= 0: raise SampleError('timeout', f'no answer within {cfg.timeout:g} s')
+            try:
+                r = self.pools(proxy).urlopen('GET', url, timeout=urllib3.Timeout(connect=left, read=left), redirect=False,
+                                              preload_content=False, decode_content=False)
+            except Exception as e: raise _classify(e, w, cfg.timeout) from None
+            done = False
+            try:
+                if w.fired: raise SampleError('timeout', f'timed out after {cfg.timeout:g} s at {w.where} {w.phase}')  # cut mid-head
+                if r.status in (301, 302, 303, 307, 308) and r.headers.get('Location'): url = _next_hop(url, r, seen, cfg); continue
+                _check_head(r, cfg)
+                w.phase = 'while reading the body'
+                try: content = _read_body(r, cfg, deadline, w)
+                except SampleError as e: e.status = 200; raise
+                except Exception as e: raise _classify(e, w, cfg.timeout) from None
+                done = True
+                return Fetched(url, r.status, r.headers, content)
+            finally:
+                if not done: r.close(); r.release_conn()
+    finally:
+        _reaper.release(w); _pins.watch = None
 
 # %% ../nbs/01_fetch.ipynb #05a313d5
 def backoff_delay(n:int, cfg:FetchConfig, retry_after:float|None=None, rng=random) -> float:
