@@ -481,7 +481,7 @@ def run_demo(data_root:str|Path|None=None, quiet:bool=False) -> dict:
         cfg = DownloadConfig(metadata=dump, output_dir=dump, timeout=2.0, retries=2, allow_private_networks=True)
         rep = download(cfg, progress='auto' if not quiet else None)
     say(rep)
-    idx = makeindex(IndexConfig(data_root, laion=True, esc50=True))
+    idx = makeindex(IndexConfig(data_root, laion=True, esc50=True, allow_private_networks=True))  # its URLs are on 127.0.0.1
     say(idx)
     say(f'\nimages:        {dump/"images"}\nimage_paths:   {dump/"image_paths.jsonl"}\n'
         f'errors:        {dump/"download_errors.json"}\ntraining JSONL: {", ".join(str(p) for p in sorted(data_root.glob("*.jsonl")))}')

@@ -39,7 +39,7 @@ def test_laion_nb_demo_runs_end_to_end(tmp_path):
     assert (summary['saved'], summary['failed']) == (26, 23)
     assert len(records.read_saved(laion)) == len(list((laion/'images').glob('*.jpg'))) == 26
     train = [json.loads(l) for l in (root/'laion_train.jsonl').read_text().splitlines()]
-    assert sum('image' in o for o in train) > 20 and sum('image_url' in o for o in train) > 10
+    assert sum('image' in o for o in train) > 20 and sum('image_url' in o for o in train) >= 5  # transient failures keep their URL
     assert all(Path(o['image']).is_file() for o in train if 'image' in o)
     assert (root/'esc50_train.jsonl').exists() and (root/'esc50_val.jsonl').exists()
     for where in ('images:', 'image_paths:', 'errors:', 'training JSONL:'): assert where in r.stdout
