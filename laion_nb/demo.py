@@ -96,6 +96,7 @@ HANGING = frozenset({'stall', 'drip', 'slowstatus', 'slowheader', 'slowchunk', '
 # %% ../nbs/06_demo.ipynb #d120265a
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True  # else a keep-alive answer waits 40 ms for the client's delayed ACK
     server_version = 'laion_nb-demo/1'
     def log_message(self, *a): pass
 
