@@ -300,7 +300,10 @@ def _worker(cfg:DownloadConfig, todo, results, stop, alive, parent:int):
             state['feeding'] = False
         for f in (on_stop, flusher): threading.Thread(target=f, daemon=True).start()
         try: run_rows(cfg, rows(), emit)
-        except KeyboardInterrupt: pass  # the parent stopped the run, and reports it
+        except KeyboardInterrupt:  # the parent stopped the run, and reports it
+            for i in pending:  # a row that ended just as the run closed may have put its image in place without a record
+                try: os.unlink(Path(cfg.output_dir)/image_path(i))
+                except FileNotFoundError: pass
         finally:
             state['closed'] = True; flush(); results.put(None)
 

@@ -113,6 +113,8 @@ def test_terminal_ctrl_c_with_long_urls_ends_in_the_grace_period(tmp_path):
     lines = [(Path(tmp_path/'out')/f).read_bytes().count(b'\n') for f in (records.SAVED_FILE, records.FAILED_LOG)]
     assert (tried, saved, failed) == (sum(lines), *lines), 'the report counts exactly what the records hold'
     assert 300 <= tried < 6000
+    saved_rows = records.read_saved(tmp_path/'out')['index']
+    assert sorted(os.listdir(tmp_path/'out'/'images')) == sorted(f'{i}.jpg' for i in saved_rows), 'no image without its record'
 
 
 def test_a_second_run_on_the_same_dir_is_refused(tmp_path):
