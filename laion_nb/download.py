@@ -369,6 +369,33 @@ def _batches(rows, n=_BATCH):
         if len(batch) == n: yield batch; batch = []
     if batch: yield batch
 
+# %% ../nbs/03_download.ipynb #aac9b17d
+def _put(q, item, stop:threading.Event) -> bool:
+    "Put `item` on `q` unless `stop` is set first."
+    while not stop.is_set():
+        try: q.put(item, timeout=0.2); return True
+        except queue.Full: pass
+    return False
+
+def _feed(rows, todo, n:int, inflight:_InFlight, stop:threading.Event):
+    "Send `rows` to the workers in batches, then one `None` to each of the `n` workers; give up when `stop` is set."
+    for batch in _batches(rows):
+        inflight.sent(batch)
+        if not _put(todo, batch, stop): return
+    for _ in range(n):
+        if not _put(todo, None, stop): return
+
+def _end_workers(procs, drain:Callable, until:float):
+    "Read what the workers send with `drain()` until it returns True or `until`, then kill the ones still running."
+    try:
+        while time.monotonic() < until and not drain(): pass
+    except KeyboardInterrupt: pass  # a second Ctrl-C: kill them now
+    finally:
+        started = [p for p in procs if p.pid is not None]
+        for p in started: p.join(max(0.0, until - time.monotonic()))
+        for p in started:
+            if p.is_alive(): p.kill(); p.join(1)
+
 # %% ../nbs/03_download.ipynb #5d96ba48
 def _run_processes(cfg:DownloadConfig, rows, on_record:Callable, n:int,
                    waiting:Callable|None=None, # called about 4 times a second with (rows in flight, seconds the oldest may still take)
@@ -381,27 +408,14 @@ def _run_processes(cfg:DownloadConfig, rows, on_record:Callable, n:int,
                          name=f'laion_nb-worker-{k}') for k in range(n)]
     ends, inflight, stop = _log_ends(cfg.output_dir), _InFlight(), threading.Event()
     count, finished, last = 0, 0, 0.0
-
-    def feed():
-        for batch in _batches(rows):
-            inflight.sent(batch)
-            while not stop.is_set():
-                try: todo.put(batch, timeout=0.2); break
-                except queue.Full: pass
-            if stop.is_set(): return
-        for _ in procs:
-            while not stop.is_set():
-                try: todo.put(None, timeout=0.2); break
-                except queue.Full: pass
-
-    def take(timeout):
+    def take(timeout) -> bool:
+        "Handle what one worker sent; True when nothing more will come."
         nonlocal count, finished
         try: got = results.get(timeout=timeout)
-        except queue.Empty: return all(not p.is_alive() for p in procs)  # all gone: nothing more will come
-        if got is None: finished += 1; return False
+        except queue.Empty: return all(not p.is_alive() for p in procs)
+        if got is None: finished += 1; return finished == n
         for rec in got: inflight.done(rec.index); count += 1; on_record(rec)
         return False
-
     def on_sigint(sig, frame):  # the first Ctrl-C stops the run gracefully; a second one stops the waiting
         if ctrl_c.is_set(): raise KeyboardInterrupt
         ctrl_c.set()
@@ -409,23 +423,14 @@ def _run_processes(cfg:DownloadConfig, rows, on_record:Callable, n:int,
     old = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         _start(procs); alive_r.close()
-        threading.Thread(target=feed, daemon=True, name='laion_nb-feed').start()
-        while finished < n and not ctrl_c.is_set():
-            if take(0.25): break
+        threading.Thread(target=_feed, args=(rows, todo, n, inflight, stop), daemon=True, name='laion_nb-feed').start()
+        while finished < n and not ctrl_c.is_set() and not take(0.25):
             if waiting is not None and time.monotonic() - last >= 0.25: last = time.monotonic(); waiting(*inflight.status(cfg.row_deadline))
     except KeyboardInterrupt: ctrl_c.set()
     finally:
-        stop.set(); stop_all.value = 1; todo.cancel_join_thread()
-        until = time.monotonic() + (STOP_GRACE + 3 if ctrl_c.is_set() else 5)
-        try:
-            while finished < n and time.monotonic() < until and not take(0.1): pass
-        except KeyboardInterrupt: pass  # a second Ctrl-C: the workers are killed now
-        finally:
-            started = [p for p in procs if p.pid is not None]
-            for p in started: p.join(max(0.0, until - time.monotonic()))
-            for p in started:
-                if p.is_alive(): p.kill(); p.join(1)
-            if old is not None: signal.signal(signal.SIGINT, old)
+        stop.set(); stop_all.value = 1; todo.cancel_join_thread()  # no worker may read the rest: exit without flushing it
+        _end_workers(procs, lambda: finished >= n or take(0.1), time.monotonic() + (STOP_GRACE + 3 if ctrl_c.is_set() else 5))
+        if old is not None: signal.signal(signal.SIGINT, old)
     if finished < n:  # a worker was killed or died: the rows it recorded and did not send are in the logs
         for rec in _recorded_since(cfg.output_dir, ends, set(inflight.rows)): count += 1; on_record(rec)
     todo.close(); results.close(); alive_w.close()
