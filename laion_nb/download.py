@@ -15,18 +15,17 @@ from fastcore.basics import patch
 
 from . import records
 from .errors import SampleError, is_transient
-from .fetch import FetchConfig, Fetcher
+from .fetch import MAX_TIMEOUT, FetchConfig, Fetcher
 from .images import ImageRules, check_image
 
 # %% auto #0
-__all__ = ['MAX_TIMEOUT', 'DEFAULT_METADATA', 'DEFAULT_OUTPUT', 'IMAGES_DIR', 'STOP_GRACE', 'TICK', 'timeout_problem',
+__all__ = ['DEFAULT_METADATA', 'DEFAULT_OUTPUT', 'IMAGES_DIR', 'STOP_GRACE', 'TICK', 'LOCK_FILE', 'timeout_problem',
            'DownloadConfig', 'image_path', 'url_problem', 'url_text', 'internal_failure', 'Aborted', 'write_atomic',
            'clean_temp_files', 'Downloader', 'missing_images', 'done_indices', 'pending_rows', 'RowPool', 'run_rows',
-           'TextProgress', 'DownloadReport', 'open_run', 'end_run', 'download', 'main']
+           'TextProgress', 'OutputBusy', 'lock_output', 'unlock_output', 'DownloadReport', 'open_run', 'end_run',
+           'download', 'main']
 
 # %% ../nbs/03_download.ipynb #fb63d0f5
-MAX_TIMEOUT = 3600.0  # seconds per attempt: anything longer is a typo (or `inf`), not a setting
-
 def timeout_problem(v) -> str|None:
     "What is wrong with `v` as a timeout in seconds, or None."
     if isinstance(v, bool) or not isinstance(v, numbers.Real): return f'timeout must be a number of seconds, got {v!r}'
@@ -267,7 +266,9 @@ def _row(self:RowPool, me, row):
 def _finish(self:RowPool, rec):
     "Pass `rec` to `emit`; a record `emit` fails on becomes an `internal` one."
     with self.lock:
-        if self.closed: return
+        if self.closed:  # the run ended first: no image stays without its record
+            if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)
+            return
         self.count += 1
         try: return self.emit(rec)
         except Exception as e: err = e
@@ -388,28 +389,123 @@ def _progress(progress):
     if isinstance(progress, str): raise ValueError(f"progress must be 'auto', None or a progress object, got {progress!r}")
     return progress
 
+# %% ../nbs/03_download.ipynb #fccce71f
+import ctypes, json, signal, _thread
+try: import fcntl
+except ImportError: fcntl = None  # Windows: no output dir lock there
+
+# %% ../nbs/03_download.ipynb #a7eded89
+def _die_with_parent(parent:int, # the pid of the run that started this worker
+                     alive,      # the read end of a pipe whose write end only the parent holds
+                    ):
+    "In a worker process: end this process as soon as `parent` is gone, even by kill -9."
+    if sys.platform.startswith('linux'):
+        try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError): pass
+    if os.getppid() != parent: os._exit(1)  # the parent died before we asked
+    def watch():
+        try: alive.recv_bytes()  # the parent never writes: this returns when its end closes
+        except (EOFError, OSError): pass
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name='laion_nb-parent-watch').start()
+
 # %% ../nbs/03_download.ipynb #183c7687
 _BATCH = 64
 
-def _worker(cfg:DownloadConfig, todo, results):
-    "A worker process: download the row batches from `todo`, write records, send them to `results`."
-    out, last, lock = [], [time.monotonic()], threading.Lock()
+def _worker(cfg:DownloadConfig, todo, results, stop, alive, parent:int):
+    "A worker process: download the row batches from `todo`, write records, send them to `results`; stop when `stop.value` is set."
+    _die_with_parent(parent, alive)
+    out, pending, lock, stopping = [], set(), threading.Lock(), threading.Event()
+    state = {'feeding': True, 'raised': False, 'closed': False}
+    def on_sigint(sig, frame):  # raised once, only while `run_rows` takes rows: its graceful way out
+        if stopping.is_set() and state['feeding'] and not state['raised']: state['raised'] = True; raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, on_sigint)
+    def on_stop():  # polled: a process killed in an `mp.Event.wait` would hang the parent's `set` for good
+        while not stop.value: time.sleep(0.05)
+        stopping.set(); _thread.interrupt_main()
+    def flush():
+        with lock:
+            if out: results.put(out[:]); out.clear()
+    def flusher():
+        while not state['closed']: time.sleep(0.2); flush()
     with records.RecordLog(cfg.output_dir) as log:
         def emit(rec):
             (log.saved if isinstance(rec, records.Saved) else log.failed)(rec)
-            out.append(rec)
-            if len(out) >= _BATCH or time.monotonic() - last[0] > 0.2:
-                results.put(out[:]); out.clear(); last[0] = time.monotonic()
+            with lock: pending.discard(rec.index); out.append(rec); full = len(out) >= _BATCH
+            if full: flush()
         def rows():
             while True:
-                batch = todo.get()
-                if batch is None: return
+                try: batch = todo.get(timeout=0.2)
+                except queue.Empty: continue
+                if batch is None: break
+                with lock: pending.update(r[0] for r in batch)
                 yield from batch
+            until = time.monotonic() + cfg.row_deadline  # the last rows end here, where a stop still takes the graceful path
+            while pending and time.monotonic() < until: time.sleep(0.05)
+            state['feeding'] = False
+        for f in (on_stop, flusher): threading.Thread(target=f, daemon=True).start()
         try: run_rows(cfg, rows(), emit)
-        except KeyboardInterrupt: pass  # the parent reports the interruption
+        except KeyboardInterrupt:  # the parent stopped the run, and reports it
+            for i in pending:  # a row that ended just as the run closed may have put its image in place without a record
+                try: os.unlink(Path(cfg.output_dir)/image_path(i))
+                except FileNotFoundError: pass
         finally:
-            if out: results.put(out[:])
-            results.put(None)
+            state['closed'] = True; flush(); results.put(None)
+
+# %% ../nbs/03_download.ipynb #a0114d48
+class _InFlight:
+    "The rows sent to the workers and not yet recorded, by batch, with the time each batch was sent."
+    def __init__(self): self.rows, self.batches, self.lock, self.n = {}, {}, threading.Lock(), 0
+    def sent(self, batch):
+        with self.lock:
+            self.n += 1; self.batches[self.n] = [time.monotonic(), len(batch)]
+            for r in batch: self.rows[r[0]] = self.n
+    def done(self, index:int):
+        with self.lock:
+            b = self.rows.pop(index, None)
+            if b is None: return
+            self.batches[b][1] -= 1
+            if not self.batches[b][1]: del self.batches[b]
+    def status(self, deadline:float) -> tuple[int, float]:
+        "Rows in flight, and seconds until the oldest of them must end."
+        with self.lock:
+            if not self.rows: return 0, 0.0
+            t0 = next(iter(self.batches.values()))[0]
+            return len(self.rows), max(0.0, t0 + deadline - time.monotonic())
+
+def _log_ends(out) -> dict:
+    return {n: (Path(out)/n).stat().st_size if (Path(out)/n).exists() else 0 for n in (records.SAVED_FILE, records.FAILED_LOG)}
+
+def _recorded_since(out, ends:dict, wanted:set) -> list:
+    "The records appended to the logs of `out` after `ends` whose row is in `wanted`."
+    found = []
+    for name, cls in ((records.SAVED_FILE, records.Saved), (records.FAILED_LOG, records.Failed)):
+        if not (Path(out)/name).exists(): continue
+        with open(Path(out)/name, 'rb') as f: f.seek(ends[name]); data = f.read()
+        for line in data.splitlines():
+            if line.startswith(b'{"index":'):  # a cheap look at the index before parsing the line
+                try:
+                    if int(line[9:line.index(b',')]) not in wanted: continue
+                except ValueError: pass
+            try: d = json.loads(line); rec = cls(**d)
+            except (ValueError, TypeError): continue  # a line cut by a kill: the next run repairs it
+            if rec.index in wanted: wanted.discard(rec.index); found.append(rec)
+    return found
+
+# %% ../nbs/03_download.ipynb #e6de4346
+def _start(procs):
+    "Start the workers with SIGINT ignored from their first instruction, and two malloc arenas each."
+    # glibc gives each of a worker's many threads its own malloc arena, which keep freed memory: two
+    # arenas cut a worker's resident memory by a quarter (60 to 46 MB measured), at no measured cost
+    arenas = 'MALLOC_ARENA_MAX' not in os.environ
+    if arenas: os.environ['MALLOC_ARENA_MAX'] = '2'
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a child inherits an ignored signal
+    try:
+        for p in procs: p.start()
+    finally:
+        if arenas: del os.environ['MALLOC_ARENA_MAX']
+        if old is not None: signal.signal(signal.SIGINT, old)
 
 def _batches(rows, n=_BATCH):
     batch = []
@@ -418,52 +514,109 @@ def _batches(rows, n=_BATCH):
         if len(batch) == n: yield batch; batch = []
     if batch: yield batch
 
-def _run_processes(cfg:DownloadConfig, rows, on_record:Callable, n:int) -> int:
+# %% ../nbs/03_download.ipynb #aac9b17d
+def _put(q, item, stop:threading.Event) -> bool:
+    "Put `item` on `q` unless `stop` is set first."
+    while not stop.is_set():
+        try: q.put(item, timeout=0.2); return True
+        except queue.Full: pass
+    return False
+
+def _feed(rows, todo, n:int, inflight:_InFlight, stop:threading.Event):
+    "Send `rows` to the workers in batches, then one `None` to each of the `n` workers; give up when `stop` is set."
+    for batch in _batches(rows):
+        inflight.sent(batch)
+        if not _put(todo, batch, stop): return
+    for _ in range(n):
+        if not _put(todo, None, stop): return
+
+def _end_workers(procs, drain:Callable, until:float):
+    "Read what the workers send with `drain()` until it returns True or `until`, then kill the ones still running."
+    try:
+        while time.monotonic() < until and not drain(): pass
+    except KeyboardInterrupt: pass  # a second Ctrl-C: kill them now
+    finally:
+        started = [p for p in procs if p.pid is not None]
+        for p in started: p.join(max(0.0, until - time.monotonic()))
+        for p in started:
+            if p.is_alive(): p.kill(); p.join(1)
+
+# %% ../nbs/03_download.ipynb #5d96ba48
+def _run_processes(cfg:DownloadConfig, rows, on_record:Callable, n:int,
+                   waiting:Callable|None=None, # called about 4 times a second with (rows in flight, seconds the oldest may still take)
+                  ) -> int:
     "Download `rows` in `n` worker processes; `on_record` sees every record in this process."
     ctx = mp.get_context('spawn')
-    todo, results = ctx.Queue(maxsize=n * 4), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(cfg, todo, results), daemon=True, name=f'laion_nb-worker-{k}') for k in range(n)]
-    # glibc gives each of a worker's many threads its own malloc arena, which keep freed memory: two
-    # arenas cut a worker's resident memory by a quarter (60 to 46 MB measured), at no measured cost
-    arenas = 'MALLOC_ARENA_MAX' not in os.environ
-    if arenas: os.environ['MALLOC_ARENA_MAX'] = '2'
+    todo, results, stop_all, ctrl_c = ctx.Queue(maxsize=n * 4), ctx.Queue(), ctx.RawValue('b', 0), threading.Event()
+    alive_r, alive_w = ctx.Pipe(duplex=False)
+    procs = [ctx.Process(target=_worker, args=(cfg, todo, results, stop_all, alive_r, os.getpid()), daemon=True,
+                         name=f'laion_nb-worker-{k}') for k in range(n)]
+    ends, inflight, stop = _log_ends(cfg.output_dir), _InFlight(), threading.Event()
+    count, finished, last = 0, 0, 0.0
+    def take(timeout) -> bool:
+        "Handle what one worker sent; True when nothing more will come."
+        nonlocal count, finished
+        try: got = results.get(timeout=timeout)
+        except queue.Empty: return all(not p.is_alive() for p in procs)
+        if got is None: finished += 1; return finished == n
+        for rec in got: inflight.done(rec.index); count += 1; on_record(rec)
+        return False
+    def on_sigint(sig, frame):  # the first Ctrl-C stops the run gracefully; a second one stops the waiting
+        if ctrl_c.is_set(): raise KeyboardInterrupt
+        ctrl_c.set()
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
-        for p in procs: p.start()
+        _start(procs); alive_r.close()
+        threading.Thread(target=_feed, args=(rows, todo, n, inflight, stop), daemon=True, name='laion_nb-feed').start()
+        while finished < n and not ctrl_c.is_set() and not take(0.25):
+            if waiting is not None and time.monotonic() - last >= 0.25: last = time.monotonic(); waiting(*inflight.status(cfg.row_deadline))
+    except KeyboardInterrupt: ctrl_c.set()
     finally:
-        if arenas: del os.environ['MALLOC_ARENA_MAX']
-    stop, finished, count = threading.Event(), 0, 0
-
-    def feed():
-        try:
-            for batch in _batches(rows):
-                while not stop.is_set():
-                    try: todo.put(batch, timeout=0.2); break
-                    except queue.Full: pass
-                if stop.is_set(): return
-        finally:
-            for _ in procs:
-                while not stop.is_set():
-                    try: todo.put(None, timeout=0.2); break
-                    except queue.Full: pass
-
-    feeder = threading.Thread(target=feed, daemon=True); feeder.start()
-    try:
-        while finished < n:
-            try: got = results.get(timeout=0.5)
-            except queue.Empty:
-                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead and all(not p.is_alive() for p in procs): break
-                continue
-            if got is None: finished += 1; continue
-            for rec in got: count += 1; on_record(rec)
-    finally:
-        stop.set()
-        for p in procs: p.join(timeout=5)
-        for p in procs:
-            if p.is_alive(): p.kill()
+        stop.set(); stop_all.value = 1; todo.cancel_join_thread()  # no worker may read the rest: exit without flushing it
+        _end_workers(procs, lambda: finished >= n or take(0.1), time.monotonic() + (STOP_GRACE + 3 if ctrl_c.is_set() else 5))
+        if old is not None: signal.signal(signal.SIGINT, old)
+    if finished < n:  # a worker was killed or died: the rows it recorded and did not send are in the logs
+        for rec in _recorded_since(cfg.output_dir, ends, set(inflight.rows)): count += 1; on_record(rec)
+    todo.close(); results.close(); alive_w.close()
     lost = [p.name for p in procs if p.exitcode not in (0, None)]
-    if lost: print(f'laion_nb: worker(s) {", ".join(lost)} died; their rows in flight will be fetched by the next run', file=sys.stderr)
+    if lost and not ctrl_c.is_set(): print(f'laion_nb: worker(s) {", ".join(lost)} died; their rows in flight will be fetched by the next run', file=sys.stderr)
+    if ctrl_c.is_set(): raise KeyboardInterrupt
     return count
+
+# %% ../nbs/03_download.ipynb #bd9d0e9e
+LOCK_FILE = '.laion_nb.lock'
+
+class OutputBusy(ValueError):
+    "Another run is writing this output dir."
+
+_locks = {}  # output dir (resolved) -> (its open lock file, the thread whose run holds it)
+
+def _stamp(f):
+    f.seek(0); f.truncate(); f.write(f'pid {os.getpid()}, started {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}\n'); f.flush()
+
+def _busy(out, f) -> str:
+    f.seek(0); who = f.read().strip() or 'pid unknown'
+    return f'output dir {out} is in use by another run ({who}): wait for it to end or stop it, or choose another --output-dir'
+
+def lock_output(out:str|Path):
+    "Take the run lock of output dir `out`, or raise `OutputBusy` naming the run that holds it."
+    key = str(Path(out).resolve())
+    if key in _locks:  # this process holds it: a live run in another thread, or a run that ended in an error
+        f, tid = _locks[key]
+        if tid != threading.get_ident() and any(t.ident == tid for t in threading.enumerate()): raise OutputBusy(_busy(out, f))
+        _locks[key] = (f, threading.get_ident()); _stamp(f); return
+    f = os.fdopen(os.open(Path(out)/LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644), 'r+')
+    if fcntl is not None:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it when its holder dies
+        except OSError:
+            msg = _busy(out, f); f.close(); raise OutputBusy(msg) from None
+    _stamp(f); _locks[key] = (f, threading.get_ident())
+
+def unlock_output(out:str|Path):
+    "Release the run lock of output dir `out`, if this process holds it."
+    held = _locks.pop(str(Path(out).resolve()), None)
+    if held: held[0].close()
 
 # %% ../nbs/03_download.ipynb #5b3c2e38
 @dataclass
@@ -504,6 +657,7 @@ def open_run(cfg:DownloadConfig):
     out = Path(cfg.output_dir)
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise DumpError(f'cannot create output dir {out} (--output-dir): {e}') from None
+    lock_output(out)  # one run at a time per output dir: released when the run ends
     records.repair(out); clean_temp_files(out)
     return dump, out, len(dump) if cfg.max_samples is None else min(cfg.max_samples, len(dump))
 
@@ -516,17 +670,15 @@ def end_run(out:Path, rows:int, skipped:int, counts:Counter, t0:float, interrupt
     return DownloadReport(out, rows, skipped, saved + failed, saved, failed, dict(counts.most_common()),
                           time.monotonic() - t0, records.summarize(out, saved_df, failed_df), errors, interrupted, missing)
 
-def download(cfg:DownloadConfig, progress='auto') -> DownloadReport:
-    "Download the images of `cfg.metadata` into `cfg.output_dir`, resuming what is there; returns a report."
-    t0 = time.monotonic()
-    dump, out, n_rows = open_run(cfg)
+def _run(cfg:DownloadConfig, dump, out:Path, n_rows:int, progress, t0:float) -> DownloadReport:
+    "Fetch the pending rows of an opened run, in threads or worker processes, and report."
     missing = []
     done = done_indices(out, cfg.retry_failed, missing)
     skipped = sum(1 for i in done if i < n_rows)
     total = n_rows - skipped
     rows = pending_rows(dump, done, n_rows)
     n_proc = cfg.processes or ((os.cpu_count() or 1) if total >= 1000 else 1)
-    progress, counts = _progress(progress), Counter()
+    counts, waiting = Counter(), getattr(progress, 'waiting', None)
     if progress: progress.start(total)
     interrupted = False
 
@@ -539,17 +691,24 @@ def download(cfg:DownloadConfig, progress='auto') -> DownloadReport:
                 def emit(rec):
                     (log.saved if isinstance(rec, records.Saved) else log.failed)(rec)
                     on_record(rec)
-                run_rows(cfg, rows, emit, waiting=getattr(progress, 'waiting', None))
+                run_rows(cfg, rows, emit, waiting=waiting)
         else:
-            _run_processes(cfg, rows, on_record, n_proc)
+            _run_processes(cfg, rows, on_record, n_proc, waiting)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         if progress: progress.close()
-    rep = end_run(out, n_rows, skipped, counts, t0, interrupted, len(missing))
-    if counts['internal']:
-        print(f'laion_nb: warning: {counts["internal"]:,} row(s) failed with an internal error (a bug in laion_nb, not the '
-              f'data); the next run tries them again; their messages are in {records.ERRORS_FILE}', file=sys.stderr)
+    return end_run(out, n_rows, skipped, counts, t0, interrupted, len(missing))
+
+def download(cfg:DownloadConfig, progress='auto') -> DownloadReport:
+    "Download the images of `cfg.metadata` into `cfg.output_dir`, resuming what is there; returns a report."
+    t0 = time.monotonic()
+    dump, out, n_rows = open_run(cfg)  # takes the output dir's lock
+    try: rep = _run(cfg, dump, out, n_rows, _progress(progress), t0)
+    finally: unlock_output(out)
+    if (n := rep.by_type.get('internal')):
+        print(f'laion_nb: warning: {n:,} row(s) failed with an internal error (a bug in laion_nb, not the data); '
+              f'the next run tries them again; their messages are in {records.ERRORS_FILE}', file=sys.stderr)
     return rep
 
 # %% ../nbs/03_download.ipynb #6be640a8
@@ -636,5 +795,4 @@ def main(argv:list[str]|None=None) -> int:
     return 0
 
 # %% ../nbs/03_download.ipynb #9a0b7e0b
-#| eval: false
-if __name__ == '__main__': sys.exit(main())
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

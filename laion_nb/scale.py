@@ -13,11 +13,11 @@ import numpy as np
 
 from . import records
 from .download import (DownloadConfig, DownloadReport, done_indices, end_run, open_run, pending_rows, run_rows,
-                               _progress)
+                               unlock_output, _progress)
 from .errors import ERROR_TYPES, is_transient
 
 # %% auto #0
-__all__ = ['SHARD_SIZE', 'Shard', 'plan_shards', 'run_shard', 'ShardTail', 'download_on_dask']
+__all__ = ['SHARD_SIZE', 'Shard', 'plan_shards', 'run_shard', 'ShardTail', 'MissingExtra', 'need_dask', 'download_on_dask']
 
 # %% ../nbs/07_scale.ipynb #5e650149
 SHARD_SIZE = 10_000  # rows per shard by default
@@ -82,10 +82,20 @@ class ShardTail:
                     except (ValueError, TypeError): pass  # a bad line is the readers' to report
         return new
 
+# %% ../nbs/07_scale.ipynb #cb507a3f
+class MissingExtra(ImportError, ValueError):
+    "An optional extra of laion_nb is not installed; the message says how to install it."
+
+def need_dask():
+    "`dask.distributed`, or `MissingExtra` saying how to install it."
+    try: import dask.distributed
+    except ImportError as e: raise MissingExtra(f"the Dask executor needs: pip install 'laion_nb[dask]' ({e})") from None
+    return dask.distributed
+
 # %% ../nbs/07_scale.ipynb #ada5c443
 def _client(client):
     "A client for `client`, and what to close when the run ends."
-    from dask.distributed import Client, LocalCluster
+    Client, LocalCluster = need_dask().Client, need_dask().LocalCluster
     if client is None:
         cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=2, dashboard_address=':0')
         c = Client(cluster); return c, [c, cluster]
@@ -98,10 +108,16 @@ def download_on_dask(cfg:DownloadConfig,
                      progress='auto',               # 'auto' (text bar), None, or a progress object (`LiveProgress`)
                     ) -> DownloadReport:
     "Download like `download`, one Dask task per shard; the output dir must be on a filesystem the workers share."
-    from dask.distributed import wait
+    need_dask()
     t0 = time.monotonic()
     cfg = replace(cfg, metadata=Path(cfg.metadata).resolve(), output_dir=Path(cfg.output_dir).resolve())
-    _, out, n_rows = open_run(cfg)
+    _, out, n_rows = open_run(cfg)  # takes the output dir's lock, in this process: one run at a time
+    try: return _drive(cfg, client, shard_size, progress, out, n_rows, t0)
+    finally: unlock_output(out)
+
+def _drive(cfg, client, shard_size, progress, out, n_rows, t0) -> DownloadReport:
+    "The body of `download_on_dask`, under the output dir's lock."
+    from dask.distributed import wait
     records.merge_shards(out)  # what a stopped run's shards recorded
     done = np.array(sorted(done_indices(out, cfg.retry_failed)), dtype=np.int64)
     skipped = int(np.searchsorted(done, n_rows))

@@ -7,16 +7,19 @@ import subprocess
 import sys
 import threading
 import time
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from laion_nb import demo, records
-from laion_nb.download import DownloadConfig, download
+from laion_nb.download import DownloadConfig, OutputBusy, download, lock_output, unlock_output
 from laion_nb.scale import Shard, download_on_dask, plan_shards
 
-distributed = pytest.importorskip('dask.distributed')  # the [dask] extra; .ci installs it with [dev]
+try: import dask.distributed as distributed  # the [dask] extra; .ci installs it with [dev]
+except ImportError: distributed = None
+needs_dask = pytest.mark.skipif(distributed is None, reason="needs laion_nb[dask]")
 
 
 @pytest.fixture(scope='module')
@@ -42,6 +45,7 @@ def assert_clean(out):
     assert len(lines) == len({json.loads(l)['index'] for l in lines}), 'no image recorded twice'
 
 
+@needs_dask
 def test_dask_run_matches_a_single_machine_run(cluster, tmp_path):
     _, client = cluster
     with demo.ImageServer() as server:
@@ -57,6 +61,7 @@ def test_dask_run_matches_a_single_machine_run(cluster, tmp_path):
     assert_clean(tmp_path/'dask')
 
 
+@needs_dask
 def test_max_samples_and_rerun_on_dask(cluster, tmp_path):
     _, client = cluster
     with demo.ImageServer() as server:
@@ -72,6 +77,7 @@ def test_max_samples_and_rerun_on_dask(cluster, tmp_path):
     assert_clean(tmp_path/'out')
 
 
+@needs_dask
 @pytest.mark.slow
 def test_a_worker_killed_mid_shard_gives_the_same_result(cluster, tmp_path):
     _, client = cluster
@@ -104,6 +110,7 @@ def test_a_worker_killed_mid_shard_gives_the_same_result(cluster, tmp_path):
     client.wait_for_workers(2, timeout=60)  # the nanny brought the worker back for the next test
 
 
+@needs_dask
 def test_cli_dask_scheduler(cluster, tmp_path):
     c, _ = cluster
     with demo.ImageServer() as server:
@@ -120,3 +127,55 @@ def test_plan_covers_every_row_once():
     shards = plan_shards(100_001, 10_000)
     assert len(shards) == 11 and shards[-1] == Shard(100_000, 100_001)
     assert sum(len(s) for s in shards) == 100_001 and all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+
+
+@needs_dask
+def test_a_dask_run_holds_the_output_dir_lock(cluster, tmp_path):
+    _, client = cluster
+    with demo.ImageServer() as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=30, fail_share=0.0)
+        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=2)
+        (tmp_path/'out').mkdir()
+        held, release = threading.Event(), threading.Event()
+        def other_run(): lock_output(tmp_path/'out'); held.set(); release.wait(30); unlock_output(tmp_path/'out')
+        t = threading.Thread(target=other_run); t.start(); held.wait(10)
+        with pytest.raises(OutputBusy, match=f'pid {os.getpid()}'): download_on_dask(cfg, client, shard_size=10, progress=None)
+        release.set(); t.join()
+        rep = download_on_dask(cfg, client, shard_size=10, progress=None)
+    assert rep.attempted == 30
+    took = []
+    t = threading.Thread(target=lambda: (lock_output(tmp_path/'out'), took.append(1), unlock_output(tmp_path/'out'))); t.start(); t.join()
+    assert took == [1], 'released at the end of the run'
+
+
+@pytest.fixture
+def no_dask(tmp_path, monkeypatch):
+    "An environment where `import dask` fails, as after the README's plain install (for subprocesses and kernels)."
+    (tmp_path/'shim'/'dask').mkdir(parents=True)
+    (tmp_path/'shim'/'dask'/'__init__.py').write_text('raise ModuleNotFoundError("No module named \'dask\'", name="dask")\n')
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(tmp_path/'shim'), *filter(None, [os.environ.get('PYTHONPATH')])]))
+    return os.environ.copy()
+
+
+def test_without_dask_the_message_says_how_to_install_it(no_dask, tmp_path):
+    code = textwrap.dedent(f"""
+        from laion_nb.scale import download_on_dask
+        from laion_nb.download import DownloadConfig
+        try: download_on_dask(DownloadConfig(metadata={str(tmp_path)!r}, output_dir={str(tmp_path/'out')!r}))
+        except ImportError as e: print(e)""")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, env=no_dask)
+    assert r.returncode == 0 and "the Dask executor needs: pip install 'laion_nb[dask]'" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, '-m', 'laion_nb.download', '--metadata', str(tmp_path), '--output-dir', str(tmp_path/'out'),
+                        '--dask-scheduler', 'tcp://127.0.0.1:1'], capture_output=True, text=True, timeout=60, env=no_dask)
+    assert r.returncode == 2 and "pip install 'laion_nb[dask]'" in r.stderr.splitlines()[-1] and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_the_notebook_runs_clean_without_dask(no_dask):
+    "As Run All does in JupyterLab: a real kernel, every cell, no error output; the Dask cells say what to install."
+    nbformat, nbclient = pytest.importorskip('nbformat'), pytest.importorskip('nbclient')
+    nbs = Path(__file__).resolve().parent.parent/'nbs'
+    nb = nbformat.read(nbs/'07_scale.ipynb', as_version=4)
+    nbclient.NotebookClient(nb, kernel_name='python3', timeout=300, resources={'metadata': {'path': str(nbs)}}).execute()
+    outs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
+    assert not [o for o in outs if o.output_type == 'error' or o.get('name') == 'stderr'], outs
+    assert any("pip install 'laion_nb[dask]'" in o.get('text', '') for o in outs)
