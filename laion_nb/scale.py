@@ -126,6 +126,7 @@ def _drive(cfg, client, shard_size, progress, out, n_rows, t0) -> DownloadReport
         lo, hi = np.searchsorted(done, [sh.start, sh.stop])
         if hi - lo < len(sh): work.append((sh, done[lo:hi].tolist()))
     progress, counts, tail = _progress(progress), Counter(), ShardTail(out)
+    waiting = getattr(progress, 'waiting', None)
     if progress: progress.start(n_rows - skipped)
     kinds = ('saved',) + ERROR_TYPES
     last = np.zeros(n_rows, dtype=np.int8)  # per row: 0 if no record yet, else 1 + its outcome's place in `kinds`
@@ -143,9 +144,11 @@ def _drive(cfg, client, shard_size, progress, out, n_rows, t0) -> DownloadReport
                    for sh, d in work]
         pending = futures
         while pending:
-            try: pending = list(wait(pending, timeout=0.5, return_when='FIRST_COMPLETED').not_done)
+            try: pending = list(wait(pending, timeout=0.25, return_when='FIRST_COMPLETED').not_done)
             except TimeoutError: pass
             follow()
+            if waiting:  # rows of the shards still out with no record yet: the tail keeps moving on screen
+                waiting(max(0, n_rows - skipped - int(np.count_nonzero(last))), cfg.row_deadline)
         for f in futures: f.result()  # raise a shard's error, now that every shard has stopped
     except KeyboardInterrupt:
         interrupted = True

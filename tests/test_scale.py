@@ -179,3 +179,27 @@ def test_the_notebook_runs_clean_without_dask(no_dask):
     outs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
     assert not [o for o in outs if o.output_type == 'error' or o.get('name') == 'stderr'], outs
     assert any("pip install 'laion_nb[dask]'" in o.get('text', '') for o in outs)
+
+
+class Recorder:
+    "A progress object that keeps what the run told it: records, and the `waiting` calls of the slow tail."
+    def __init__(self): self.records, self.waits, self.closed = [], [], False
+    def start(self, total): self.total = total
+    def update(self, rec): self.records.append(rec)
+    def waiting(self, in_flight, longest): self.waits.append((len(self.records), in_flight, longest))
+    def close(self): self.closed = True
+
+
+@needs_dask
+def test_the_slow_tail_keeps_moving_on_dask(cluster, tmp_path):
+    "While a shard waits on a stalled row, the progress hears how many rows are still out, and no more than are left."
+    _, client = cluster
+    with demo.ImageServer() as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=40, fail_share=0.1, failures=['stall/{i}'])
+        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'out', timeout=1.5, retries=0, allow_private_networks=True, threads=4)
+        p = Recorder()
+        rep = download_on_dask(cfg, client, shard_size=20, progress=p)
+    assert p.closed and len(p.records) == rep.attempted == 40
+    tail = [w for w in p.waits if w[1] > 0]
+    assert tail, 'no waiting() call while rows were out'
+    assert all(done + out <= 40 and longest == cfg.row_deadline for done, out, longest in p.waits)
