@@ -386,15 +386,6 @@ class _Inflate:
 
     def flush(self) -> bytes: return b'' if self.d is None or self.rest_ignored else self.d.flush()
 
-def _decoders(r:urllib3.BaseHTTPResponse) -> list[_Inflate]|None:
-    "The decoders of the body's Content-Encoding, last applied first; None if one is unknown (the body is kept as sent)."
-    enc = r.headers.get('Content-Encoding')
-    if not enc: return []
-    names = [n.strip().lower() for n in enc.split(',')]
-    names = [{'x-gzip': 'gzip'}.get(n, n) for n in names if n not in ('', 'identity')]
-    if not all(n in ('gzip', 'deflate') for n in names): return None
-    return [_Inflate(n) for n in reversed(names)]
-
 # %% ../nbs/01_fetch.ipynb #0df576f1
 def _decoders(r:urllib3.BaseHTTPResponse) -> list[_Inflate]|None:
     "The decoders of the body's Content-Encoding, last applied first; None if one is unknown (the body is kept as sent)."
