@@ -15,6 +15,7 @@ run right after another's cleanup would pay for it. `--repeat N` alternates the 
     python bench/bench_download.py --rows 100000 --latency 0 --no-peer      # the memory check
     python bench/bench_download.py --rows 2000 --latency 0 --no-peer --profile  # where the Python time goes
     python bench/bench_download.py --latency 0 --size 1024x768 --no-peer --perf  # where all the CPU goes
+    python bench/bench_download.py --peer ... --code /path/to/old/checkout     # before against after, in one run
 """
 import argparse, multiprocessing as mp, os, shutil, subprocess, sys, tempfile, threading, time
 from pathlib import Path
@@ -123,8 +124,11 @@ def ours(dump, out, a, processes=None):
             '--processes', str(processes or a.processes), '--threads', str(a.threads), '--per-host', str(a.threads)]
 
 
-def run_ours(dump, out, a):
-    wall, cpu, rss = measure(ours(dump, out, a), tls_env(a))
+def run_ours(dump, out, a, code=None):
+    "A laion_nb run; with `code`, the laion_nb of that source tree (another commit's checkout) instead of this one."
+    env = tls_env(a)
+    if code: env = {**(env or os.environ), 'PYTHONPATH': str(Path(code).resolve())}
+    wall, cpu, rss = measure(ours(dump, out, a), env)
     check_saved(out/'images')
     return wall, cpu, rss, count_jpegs(out/'images')
 
@@ -187,6 +191,8 @@ def main():
     p.add_argument('--work-dir', default=None, help='where the dumps and outputs go (default: the system temp dir; /dev/shm takes the disk out)')
     p.add_argument('--tls', action='store_true', help='serve HTTPS (a self-signed certificate both tools are told to trust)')
     p.add_argument('--repeat', type=int, default=1, help='runs of each tool per latency, alternating')
+    p.add_argument('--code', nargs='+', default=[], metavar='DIR',
+                   help='also run laion_nb from these source trees (e.g. a worktree of an older commit), alternating with the rest')
     p.add_argument('--profile', action='store_true', help='profile laion_nb (one process) with py-spy instead')
     p.add_argument('--perf', action='store_true', help='sample laion_nb with Linux perf (C and kernel time included) instead')
     p.add_argument('--native', action='store_true', help='with --profile: all threads with native frames, not only the GIL holder')
@@ -204,9 +210,11 @@ def main():
                                       failures=failures, size=size)
                 if a.profile: profile(dump, tmp/f'prof-{latency}', a); continue
                 if a.perf: perf(dump, tmp/f'perf-{latency}', a); continue
-                tools = [('laion_nb', run_ours)] + ([] if a.no_peer or not Path(a.peer).exists() else [('img2dataset', run_peer)])
+                tools = [('laion_nb', run_ours)] + [(f'laion_nb@{Path(d).name}', lambda dump, out, a, d=d: run_ours(dump, out, a, d))
+                                                    for d in a.code]
+                tools += [] if a.no_peer or not Path(a.peer).exists() else [('img2dataset', run_peer)]
                 for k, (name, run) in enumerate(tools * a.repeat):
-                    out = tmp/f'out-{name}-{latency}-{k}'
+                    out = tmp/f'out-{name.replace("@", "-")}-{latency}-{k}'
                     wall, cpu, rss, saved = run(dump, out, a)
                     rows.append((name, latency, a.rows, wall, a.rows / wall, cpu / a.rows * 1000, rss / 2**20, saved))
                     print(f'{name:12s} {a.size or "mixed":>9s} latency {latency*1000:4.0f} ms: {a.rows / wall:7.1f} URLs/s  {cpu / a.rows * 1000:5.2f} ms CPU/URL  '
@@ -217,12 +225,15 @@ def main():
         print('\n| tool | latency | rows | wall s | URLs/s | CPU ms/URL | peak RSS MB | saved |\n|---|---|---|---|---|---|---|---|')
         for r in rows: print(f'| {r[0]} | {r[1]*1000:.0f} ms | {r[2]:,} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:.0f} | {r[7]:,} |')
         for latency in a.latency:
-            got = {name: [r for r in rows if r[0] == name and r[1] == latency] for name in ('laion_nb', 'img2dataset')}
-            if not all(got.values()): continue
+            names = sorted({r[0] for r in rows if r[0] != 'img2dataset'})
+            got = {name: [r for r in rows if r[0] == name and r[1] == latency] for name in names + ['img2dataset']}
+            if not got['img2dataset']: continue
             lo = lambda name, i: min(r[i] for r in got[name]); hi = lambda name, i: max(r[i] for r in got[name])
-            print(f'\nlatency {latency*1000:.0f} ms, laion_nb / img2dataset: URLs/s {lo("laion_nb", 4) / hi("img2dataset", 4):.2f}-'
-                  f'{hi("laion_nb", 4) / lo("img2dataset", 4):.2f}x, CPU per URL {lo("laion_nb", 5) / hi("img2dataset", 5):.2f}-'
-                  f'{hi("laion_nb", 5) / lo("img2dataset", 5):.2f}x')
+            for name in names:
+                if got[name]:
+                    print(f'\nlatency {latency*1000:.0f} ms, {name} / img2dataset: URLs/s {lo(name, 4) / hi("img2dataset", 4):.2f}-'
+                          f'{hi(name, 4) / lo("img2dataset", 4):.2f}x, CPU per URL {lo(name, 5) / hi("img2dataset", 5):.2f}-'
+                          f'{hi(name, 5) / lo("img2dataset", 5):.2f}x')
 
 
 if __name__ == '__main__':
