@@ -16,7 +16,7 @@ import numpy as np
 from .metadata import Dump, DumpError
 from .errors import SampleError, is_transient
 from .fetch import public_address, split_url
-from .records import BadRecordError, FAILED_LOG, SAVED_FILE, read_failed, read_saved
+from .records import BadRecordError, FAILED_LOG, SAVED_FILE, escape_line_breaks, read_failed, read_saved
 
 # %% auto #0
 __all__ = ['LAION_DIR', 'ESC50_DIRS', 'DEFAULT_TEMPLATE', 'REFUSED_TYPES', 'INDEX_COLUMNS', 'ESC50_INDEX_COLUMNS', 'ESC50_CSV',
@@ -70,14 +70,9 @@ class IndexConfig:
         if self.download_dir is not None: self.download_dir = Path(self.download_dir)
 
 # %% ../nbs/04_makeindex.ipynb #8a5a1529
-_LINE_BREAKS = {'\u0085': '\\u0085', '\u2028': '\\u2028', '\u2029': '\\u2029'}  # str.splitlines() ends a line at these; JSON need not escape them
-
 def _enc(s:str) -> str:
     "`s` as a JSON string, as `json.dumps(s, ensure_ascii=False)` writes it, with the line breaks JSON leaves raw escaped."
-    out = encode_basestring(s)
-    if '\u2028' in out or '\u2029' in out or '\x85' in out:
-        for ch, esc in _LINE_BREAKS.items(): out = out.replace(ch, esc)
-    return out
+    return escape_line_breaks(encode_basestring(s))
 
 def jsonl_line(**fields) -> str:
     "One JSONL line (with its newline) of string and integer `fields`, as `json.dumps(fields, ensure_ascii=False)` writes it (U+0085, U+2028, U+2029 escaped)."
