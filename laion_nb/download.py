@@ -4,8 +4,10 @@
 
 # %% ../nbs/03_download.ipynb #524a0cb3
 from __future__ import annotations
-import argparse, hashlib, math, multiprocessing as mp, numbers, os, queue, re, sys, threading, time, traceback
+import argparse, asyncio, hashlib, math, multiprocessing as mp, numbers, os, queue, re, sys, threading, time, traceback
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -15,15 +17,15 @@ from fastcore.basics import patch
 
 from . import records
 from .errors import SampleError, is_transient
-from .fetch import MAX_TIMEOUT, FetchConfig, Fetcher
+from .fetch import MAX_TIMEOUT, FetchConfig, Fetched, Fetcher
 from .images import ImageRules, check_image
 
 # %% auto #0
-__all__ = ['DEFAULT_METADATA', 'DEFAULT_OUTPUT', 'IMAGES_DIR', 'STOP_GRACE', 'TICK', 'LOCK_FILE', 'timeout_problem',
-           'DownloadConfig', 'image_path', 'url_problem', 'url_text', 'internal_failure', 'Aborted', 'write_atomic',
-           'clean_temp_files', 'Downloader', 'missing_images', 'done_indices', 'pending_rows', 'RowPool', 'run_rows',
-           'TextProgress', 'OutputBusy', 'lock_output', 'unlock_output', 'DownloadReport', 'open_run', 'end_run',
-           'download', 'main']
+__all__ = ['DEFAULT_METADATA', 'DEFAULT_OUTPUT', 'IMAGES_DIR', 'STOP_GRACE', 'TICK', 'CHECK_THREADS', 'LOCK_FILE',
+           'timeout_problem', 'DownloadConfig', 'image_path', 'url_problem', 'url_text', 'internal_failure', 'Aborted',
+           'write_atomic', 'clean_temp_files', 'Downloader', 'missing_images', 'done_indices', 'pending_rows',
+           'RowPool', 'run_rows', 'TextProgress', 'OutputBusy', 'lock_output', 'unlock_output', 'DownloadReport',
+           'open_run', 'end_run', 'download', 'main']
 
 # %% ../nbs/03_download.ipynb #fb63d0f5
 def timeout_problem(v) -> str|None:
@@ -142,24 +144,27 @@ class Downloader:
         self.aborted = threading.Event()  # set when the run stops: no image is put in place after that
         (self.out_dir/IMAGES_DIR).mkdir(parents=True, exist_ok=True)
 
-    def one(self, index:int, url:str, caption:str,
-            abort:threading.Event|None=None,  # set when the run gives up on this row: its image is not put in place
-           ) -> records.Saved|records.Failed:
-        "Fetch, check and store row `index`."
-        if (bad := url_problem(index, url)): return records.Failed(index, url_text(url), 'invalid_url', None, bad, 1)
-        res = None
+    def store(self, index:int, url:str, caption:str, res:Fetched,
+              abort:threading.Event|None=None,  # set when the run gives up on this row: its image is not put in place
+             ) -> records.Saved|records.Failed:
+        "Check the fetched body `res` of row `index` and put its image in place: the CPU part of a row."
         try:
-            res = self.fetcher.get(url)
             img = check_image(res.content, self.rules)
             rel = image_path(index)
             write_atomic(self.out_dir/rel, img.data, self.tmp_dir, self.aborted if abort is None else _AnySet(self.aborted, abort))
             return records.Saved(index, rel, url, caption, img.width, img.height, len(img.data),
                                  hashlib.sha256(img.data).hexdigest())
-        except SampleError as e:  # from the fetch, or from the checks of a body that arrived (status 200)
-            status, attempts = (e.status, e.attempts) if res is None else (res.status, res.attempts)
-            return records.Failed(index, url, e.error_type, status, e.message, attempts)
+        except SampleError as e: return records.Failed(index, url, e.error_type, res.status, e.message, res.attempts)
         except Aborted: raise
         except Exception as e: return internal_failure(index, url, e)  # our bug, or the disk: not the data's fault
+
+    def one(self, index:int, url:str, caption:str, abort:threading.Event|None=None) -> records.Saved|records.Failed:
+        "Fetch, check and store row `index`, in this thread (a `RowPool` runs many rows at once)."
+        if (bad := url_problem(index, url)): return records.Failed(index, url_text(url), 'invalid_url', None, bad, 1)
+        try: res = self.fetcher.get(url)
+        except SampleError as e: return records.Failed(index, url, e.error_type, e.status, e.message, e.attempts)
+        except Exception as e: return internal_failure(index, url, e)
+        return self.store(index, url, caption, res, abort)
 
 # %% ../nbs/03_download.ipynb #1ac12f4b
 def missing_images(out_dir:str|Path, saved:pd.DataFrame) -> list[int]:
@@ -197,70 +202,64 @@ def pending_rows(dump:Dump, done:set[int], stop:int|None=None, start:int=0, batc
         for k, i in enumerate(idx.tolist()):
             if i not in done: yield i, urls[k], caps[k] if isinstance(caps[k], str) else ''
 
-# %% ../nbs/03_download.ipynb #63e40bc9
-class _HostLimits:
-    "A semaphore per host, made on first use."
-    def __init__(self, n): self.n, self._sems, self._lock = n, {}, threading.Lock()
-    def __call__(self, url):
-        try: host = urlsplit(url).hostname or ''
-        except ValueError: host = ''
-        sem = self._sems.get(host)
-        if sem is None:
-            with self._lock: sem = self._sems.setdefault(host, threading.BoundedSemaphore(self.n))
-        return sem
+# %% ../nbs/03_download.ipynb #155b8b06
+STOP_GRACE = 2.0   # seconds the rows in flight get to finish when a run is interrupted
+TICK = 0.25        # seconds between two looks of the feeding thread at the rows in flight
+CHECK_THREADS = 2  # threads per process that check, encode and write images: the CPU part of a row
 
 class _Flight:
-    "A row in flight: the row, when it started, its host slot, and the flag that gives it up."
-    def __init__(self, row, sem): self.row, self.t0, self.sem, self.abort, self.abandoned = row, time.monotonic(), sem, threading.Event(), False
+    "A row in flight: the row, its task, when it got its host slot (None: still waiting), and the flag that gives it up."
+    __slots__ = ('row', 'task', 't0', 'abort', 'abandoned')
+    def __init__(self, row): self.row, self.task, self.t0, self.abort, self.abandoned = row, None, None, threading.Event(), False
 
-STOP_GRACE = 2.0  # seconds the rows in flight get to finish when a run is interrupted
-TICK = 0.25       # seconds between two looks of the main thread at the rows in flight
-
+# %% ../nbs/03_download.ipynb #5daf1bde
 class RowPool:
-    "`cfg.threads` worker threads over a bounded queue of rows; every row put in ends as exactly one record."
-    def __init__(self, cfg:DownloadConfig, emit:Callable, # called with each record, from the worker threads, under a lock
-                 tmp_dir:Path|None=None,    # where temp files go (default: `images/`)
+    "Rows as tasks on one event loop thread: up to `cfg.threads` in flight, `cfg.per_host` per host; one record per row."
+    def __init__(self, cfg:DownloadConfig, emit:Callable, # called with each record, under a lock, from the pool's threads
+                 tmp_dir:Path|None=None,      # where temp files go (default: `images/`)
                  waiting:Callable|None=None): # called every `TICK` with (rows in flight, seconds the oldest may still take)
         self.cfg, self.emit, self.waiting, self.deadline = cfg, emit, waiting, cfg.row_deadline
-        self.dl, self.limits = Downloader(cfg, tmp_dir), _HostLimits(cfg.per_host)
-        self.todo, self.lock = queue.Queue(maxsize=cfg.threads * 2), threading.Lock()
-        self.running, self.abandoned, self.threads = {}, set(), []
-        self.count, self.closed, self.broken, self._ticked = 0, False, None, 0.0
-        for _ in range(cfg.threads): self._spawn()
+        self.dl, self.lock, self.idle = Downloader(cfg, tmp_dir), threading.Lock(), threading.Event()
+        self.slots = threading.Semaphore(cfg.threads)  # rows in flight: `put` waits for one
+        self.running, self.hosts = {}, {}  # id -> _Flight; host -> [its semaphore, rows holding or awaiting it]
+        self.count, self.closed, self.broken, self._ticked, self._ended = 0, False, None, 0.0, False
+        self.checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix='laion_nb-check')
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix='laion_nb-lookup'))  # name lookups
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name='laion_nb-loop')
+        self.thread.start()
 
-    def _spawn(self):
-        t = threading.Thread(target=self._work, daemon=True, name=f'laion_nb-{len(self.threads)}')
-        self.threads.append(t); t.start()
+# %% ../nbs/03_download.ipynb #485054da
+def _host(url:str) -> str:
+    try: return urlsplit(url).hostname or ''
+    except ValueError: return ''
 
-    def _work(self):
-        me = threading.current_thread()
-        while (row := self.todo.get()) is not None:
-            rec = self._row(me, row)
-            if rec is not None: self._finish(rec)
-            if me in self.abandoned: return  # the backstop gave up on its row and started a replacement
-
-# %% ../nbs/03_download.ipynb #2c705cd7
 @patch
-def _row(self:RowPool, me, row):
-    "The record of `row`, or None when the run stopped or the backstop recorded it already; never raises."
-    i, url, cap = row
-    flight = rec = None
+@asynccontextmanager
+async def _host_slot(self:RowPool, url:str):
+    "Hold one of the `per_host` slots of `url`'s host while the block runs (on the loop thread)."
+    host = _host(url)
+    h = self.hosts.get(host)
+    if h is None: h = self.hosts[host] = [asyncio.Semaphore(self.cfg.per_host), 0]
+    h[1] += 1
     try:
-        if (bad := url_problem(i, url)): return records.Failed(i, url_text(url), 'invalid_url', None, bad, 1)
-        sem = self.limits(url); sem.acquire()
-        flight = _Flight(row, sem)
-        with self.lock: self.running[me] = flight
-        rec = self.dl.one(i, url, cap, abort=flight.abort)
-    except Aborted: rec = None
-    except Exception as e: rec = internal_failure(i, url, e)
-    if flight is None: return rec
-    with self.lock:  # under the lock the backstop takes too: the row is either ours to record or its
-        self.running.pop(me, None)
-        given_up = flight.abandoned
-        if not given_up: flight.sem.release()  # the backstop released a given-up row's slot itself
-    if not given_up: return rec
-    if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)  # put in place just too late
-    return None
+        async with h[0]: yield
+    finally:
+        h[1] -= 1
+        if not h[1]: del self.hosts[host]
+
+# %% ../nbs/03_download.ipynb #af549c6c
+@patch
+def _settle(self:RowPool, f:_Flight, rec):
+    "Row `f` ended with `rec` (None: the run stopped): record it, unless the backstop took it first; free its slot."
+    with self.lock:
+        taken = self.running.pop(id(f), None) is None
+        if not self.running: self.idle.set()
+    if taken:  # the backstop recorded it (and freed its slot) already
+        if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)
+        return
+    self.slots.release()
+    if rec is not None: self._finish(rec)
 
 @patch
 def _finish(self:RowPool, rec):
@@ -275,71 +274,107 @@ def _finish(self:RowPool, rec):
         try: self.emit(internal_failure(rec.index, rec.url, err))
         except Exception as e: self.broken = self.broken or e  # no record can be written (disk full?): the run stops with it
 
-# %% ../nbs/03_download.ipynb #73cc6aa2
+# %% ../nbs/03_download.ipynb #80db5d98
+@patch
+def _check(self:RowPool, f:_Flight, res):
+    "In a checking thread: check and store the fetched body of row `f`, and settle the row."
+    i, url, cap = f.row
+    try: rec = self.dl.store(i, url, cap, res, f.abort)
+    except Aborted: rec = None
+    except Exception as e: rec = internal_failure(i, url, e)
+    self._settle(f, rec)
+
+@patch
+async def _run_row(self:RowPool, f:_Flight):
+    "Row `f`, on the loop: its URL, its host slot, the fetch; then the check in a checking thread."
+    i, url, cap = f.row
+    try:
+        if (bad := url_problem(i, url)): return self._settle(f, records.Failed(i, url_text(url), 'invalid_url', None, bad, 1))
+        async with self._host_slot(url):
+            f.t0 = time.monotonic()
+            try: res = await self.dl.fetcher.aget(url)
+            except SampleError as e: return self._settle(f, records.Failed(i, url, e.error_type, e.status, e.message, e.attempts))
+        await self.loop.run_in_executor(self.checks, self._check, f, res)
+    except asyncio.CancelledError: pass  # given up on by the backstop, or the run closed: recorded elsewhere, or not at all
+    except Exception as e: self._settle(f, internal_failure(i, url, e))
+
+# %% ../nbs/03_download.ipynb #9313ac02
 @patch
 def watch(self:RowPool):
-    "At most every `TICK`: record the rows past `row_deadline` as timeouts and replace their threads; tell `waiting`."
+    "At most every `TICK`: record the rows past `row_deadline` as timeouts and free their slots; tell `waiting`."
     now = time.monotonic()
     if now - self._ticked < TICK: return
     self._ticked = now
     with self.lock:
-        late = [(t, f) for t, f in self.running.items() if not f.abandoned and now - f.t0 > self.deadline]
-        for t, f in late: f.abandoned = True; f.abort.set(); f.sem.release(); self.abandoned.add(t)
-        starts = [f.t0 for f in self.running.values() if not f.abandoned]
-    for t, f in late:
+        late = [f for f in self.running.values() if f.t0 is not None and now - f.t0 > self.deadline]
+        for f in late: del self.running[id(f)]; f.abandoned = True; f.abort.set()
+        if late and not self.running: self.idle.set()
+        starts, n = [f.t0 for f in self.running.values() if f.t0 is not None], len(self.running)
+    if late: self.checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix='laion_nb-check')  # the old one may be stuck
+    for f in late:
+        self.slots.release(); self.loop.call_soon_threadsafe(f.task.cancel)
         i, url, _ = f.row
         self._finish(records.Failed(i, url_text(url), 'timeout', None, f'row {i}: no result within the hard deadline '
                                     f'of {self.deadline:g} s; given up on, and tried again by the next run', 1))
-        self._spawn()
     if self.waiting is None: return
-    try: self.waiting(len(starts), max(0.0, self.deadline - (now - min(starts))) if starts else 0.0)
+    try: self.waiting(n, max(0.0, self.deadline - (now - min(starts))) if starts else 0.0)
     except Exception as e:
         print(f'laion_nb: the progress display failed ({type(e).__name__}: {e}); the run goes on without it', file=sys.stderr)
         self.waiting = None
 
-# %% ../nbs/03_download.ipynb #2bb5424c
+# %% ../nbs/03_download.ipynb #40fe4bbd
 @patch
 def put(self:RowPool, row, stop:threading.Event) -> bool:
-    "Queue `row`, watching the rows in flight while the queue is full; False if the run stopped."
-    while not stop.is_set() and self.broken is None:
+    "Start `row` as soon as a slot is free, watching the rows in flight meanwhile; False if the run stopped."
+    while not stop.is_set() and self.broken is None and not self.closed:
         self.watch()
-        try: self.todo.put(row, timeout=TICK); return True
-        except queue.Full: pass
+        if not self.slots.acquire(timeout=TICK): continue
+        f = _Flight(row)
+        with self.lock: self.running[id(f)] = f; self.idle.clear()
+        self.loop.call_soon_threadsafe(self._start, f)
+        return True
     return False
 
 @patch
-def join(self:RowPool):
-    "Send every worker home once the queue is empty, and wait for the rows in flight, watching them."
-    for _ in range(self.cfg.threads):  # one per live worker: each abandoned one was replaced by exactly one
-        while True:
-            self.watch()
-            try: self.todo.put(None, timeout=TICK); break
-            except queue.Full: pass
-    while alive := [t for t in self.threads if t.is_alive() and t not in self.abandoned]:
-        alive[0].join(TICK); self.watch()
+def _start(self:RowPool, f:_Flight): f.task = self.loop.create_task(self._run_row(f))
 
+@patch
+def join(self:RowPool):
+    "Wait for the rows in flight, watching them, then close the loop."
+    while self.running and not self.idle.wait(TICK): self.watch()
+    self._end()
+
+# %% ../nbs/03_download.ipynb #8172d1e9
 @patch
 def interrupt(self:RowPool):
     "Take no new row, give the rows in flight `STOP_GRACE` seconds, then record nothing more."
-    try:
-        while True: self.todo.get_nowait()
-    except queue.Empty: pass
-    for _ in self.threads:
-        try: self.todo.put_nowait(None)
-        except queue.Full: break
     until = time.monotonic() + STOP_GRACE
-    while any(not f.abandoned for f in list(self.running.values())) and time.monotonic() < until: time.sleep(0.05)
+    while self.running and not self.idle.wait(0.05) and time.monotonic() < until: pass
     self.dl.aborted.set()  # a row still running puts no image in place and records nothing: a rerun fetches it
     with self.lock: self.closed = True
+    self._end()
 
-# %% ../nbs/03_download.ipynb #7f2005c0
+@patch
+def _end(self:RowPool):
+    "Cancel what still runs on the loop, close its connections and stop it (once)."
+    if self._ended: return
+    self._ended = True
+    async def close():
+        for t in asyncio.all_tasks() - {asyncio.current_task()}: t.cancel()
+        await self.dl.fetcher.aclose()
+    try: asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
+    except Exception: pass  # a connection that would not close: the loop stops anyway
+    self.loop.call_soon_threadsafe(self.loop.stop); self.thread.join(5)
+    self.checks.shutdown(wait=False)
+
+# %% ../nbs/03_download.ipynb #dd3c5c9c
 def run_rows(cfg:DownloadConfig, rows:Iterable[tuple[int, str, str]],
-             emit:Callable,                  # called with each record, from the worker threads, under a lock
+             emit:Callable,                  # called with each record, under a lock, from the pool's threads
              stop:threading.Event|None=None, # set it to stop taking new rows
              tmp_dir:Path|None=None,         # where temp files go (default: `images/`)
              waiting:Callable|None=None,     # called about 4 times a second with (rows in flight, seconds the oldest may take)
             ) -> int:
-    "Download `rows` with `cfg.threads` threads, each ending as one record passed to `emit`; returns how many."
+    "Download `rows` with up to `cfg.threads` in flight, each ending as one record passed to `emit`; returns how many."
     pool, stop = RowPool(cfg, emit, tmp_dir, waiting), stop or threading.Event()
     try:
         for row in rows:
