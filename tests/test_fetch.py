@@ -167,17 +167,15 @@ def test_messages_say_what_happened_not_which_class(server, tls_server):
         assert not any(w in got[url][1] for w in ('Pool', 'Connection(', 'object at', '_ssl.c')), got[url]
 
 
-def test_the_reaper_keeps_nothing_after_attempts_end(server):
-    "Thousands of attempts leave no socket duplicate open and no live entry in the reaper's heap."
-    from laion_nb.fetch import _reaper
+def test_attempts_leave_no_socket_open(server):
+    "Hundreds of attempts, failed ones included, leave no socket open once the fetcher is closed. (Was: the reaper's heap.)"
     f = fetcher()
     fds = len(os.listdir('/proc/self/fd'))
     for i in range(300): f.get(server.url(f'img/{i}.jpg'))
-    for r in ('status/404', 'reset/1', 'huge/1.jpg'):
+    for r in ('status/404', 'reset/1', 'huge/1.jpg', 'stall/1'):
         with pytest.raises(SampleError): f.get(server.url(r))
     f.close()
     assert len(os.listdir('/proc/self/fd')) <= fds + 2
-    with _reaper.cond: assert all(w.done and not w.socks for _, _, w in _reaper.heap)
 
 
 def test_hanging_false_leaves_out_what_ends_only_at_a_deadline(server, tmp_path):
