@@ -415,7 +415,7 @@ class Fetcher:
         self.headers = {'User-Agent': cfg.user_agent, 'Accept': 'image/*,*/*;q=0.5', 'Accept-Encoding': 'gzip, deflate'}
         self._head = ''.join(f'{k}: {v}\r\n' for k, v in self.headers.items())
         self.ssl_context = tls_context()
-        self.tls_sessions = OrderedDict()  # (host, port) -> the TLS session of the last connection there
+        self.tls_sessions, self.tls_resumed = OrderedDict(), 0  # (host, port) -> the last TLS session there; sessions resumed
         self._local, self._side, self._lock = threading.local(), None, threading.Lock()
 
     def proxy_for(self, scheme:str, host:str) -> str|None:
@@ -512,7 +512,7 @@ def _keep(self:Fetcher, r:_Response):
     "Return `r`'s connection to the pool if the response allows, with its TLS session noted; else close it."
     if not r.keep_alive(): return r.conn.abort()
     if not r.conn.reused and (so := r.conn.writer.get_extra_info('ssl_object')) is not None:
-        self.tls_sessions[r.conn.key[1:3]] = so.session
+        self.tls_sessions[r.conn.key[1:3]] = so.session; self.tls_resumed += so.session_reused
         if len(self.tls_sessions) > 10_000: self.tls_sessions.popitem(last=False)
     self._pool().put(r.conn)
 
