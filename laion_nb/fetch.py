@@ -71,14 +71,18 @@ def public_address(ip:str) -> bool:
     if isinstance(a, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(a)) is not None: a = v4
     return a.is_global and not a.is_multicast
 
-def split_url(url:str) -> tuple[str, str, int]:
-    "The scheme, host and port of an http(s) URL, as the connection will see them, or `SampleError('invalid_url')`."
+def _split(url:str) -> tuple[str, str, int, str]:
+    "The scheme, host, port and request target (path and query) of an http(s) URL, or `SampleError('invalid_url')`."
     if not isinstance(url, str) or not url.strip(): raise SampleError('invalid_url', 'empty URL')
     try: u = parse_url(url.strip())
     except ValueError as e: raise SampleError('invalid_url', f'cannot parse URL: {e}') from None
     if u.scheme not in ('http', 'https'): raise SampleError('invalid_url', f'scheme {u.scheme!r} is not http or https')
     if not u.host: raise SampleError('invalid_url', 'URL has no host')
-    return u.scheme, u.host.strip('[]').rstrip('.'), u.port or (443 if u.scheme == 'https' else 80)
+    return u.scheme, u.host.strip('[]').rstrip('.'), u.port or (443 if u.scheme == 'https' else 80), u.request_uri
+
+def split_url(url:str) -> tuple[str, str, int]:
+    "The scheme, host and port of an http(s) URL, as the connection will see them, or `SampleError('invalid_url')`."
+    return _split(url)[:3]
 
 def _guard(host:str, ips:list[str], allow_private:bool=False) -> str:
     "The address to connect to for `host` (its first), refused unless `allow_private` or every one of `ips` is public."
@@ -117,8 +121,9 @@ class Resolver:
 @patch
 async def resolve(self:Resolver, host:str, port:int=80) -> list[str]:
     "The addresses of `host`, IPv4 first, or a `SampleError` ('dns'); the caller's deadline bounds the wait."
-    try: return [ipaddress.ip_address(host).compressed]
-    except ValueError: pass
+    if host[-1:].isdigit() or ':' in host:  # an address literal (a name's last label is never all digits)
+        try: return [ipaddress.ip_address(host).compressed]
+        except ValueError: pass
     if (ip := self.given(host)) is not None: return [ip]
     hit = self.cache.get(host)
     if hit and hit[1] > time.monotonic(): return hit[0]
@@ -447,9 +452,9 @@ def _proxy_auth(proxy:str) -> str:
     return f'Proxy-Authorization: Basic {cred}\r\n'
 
 @patch
-def _request(self:Fetcher, url:str, scheme:str, host:str, port:int, proxy:str|None) -> bytes:
-    "The bytes of a GET of `url` with our headers; to an http proxy, with the URL in full and the proxy's credentials."
-    hp, target, auth = _hostport(host, port, scheme), parse_url(url).request_uri, ''
+def _request(self:Fetcher, target:str, scheme:str, host:str, port:int, proxy:str|None) -> bytes:
+    "The bytes of a GET of `target` (path and query) with our headers; to an http proxy, with the URL in full and its credentials."
+    hp, auth = _hostport(host, port, scheme), ''
     if proxy and scheme == 'http': target, auth = f'http://{hp}{target}', _proxy_auth(proxy)
     return f'GET {target} HTTP/1.1\r\nHost: {hp}\r\n{self._head}{auth}\r\n'.encode('latin-1')
 
@@ -491,9 +496,9 @@ class _Response:
         return self.framing != 'close' and 'close' not in c and (self.version != 'HTTP/1.0' or 'keep-alive' in c)
 
 @patch
-async def _exchange(self:Fetcher, url:str, scheme:str, host:str, port:int, ip:str, proxy:str|None, at:_Attempt) -> _Response:
+async def _exchange(self:Fetcher, target:str, scheme:str, host:str, port:int, ip:str, proxy:str|None, at:_Attempt) -> _Response:
     "Send the request and read the response's head, on a kept connection if there is one."
-    req, pool = self._request(url, scheme, host, port, proxy), self._pool()
+    req, pool = self._request(target, scheme, host, port, proxy), self._pool()
     conn = pool.take((scheme, host, port, proxy))
     while True:
         if conn is None: conn = await self._open(scheme, host, port, ip, proxy, at); pool.opened += 1
@@ -582,10 +587,10 @@ async def aattempt(self:Fetcher, url:str) -> Fetched:
 async def _hops(self:Fetcher, url:str, at:_Attempt) -> Fetched:
     cfg, seen = self.cfg, []
     while True:
-        scheme, host, port = split_url(url)
+        scheme, host, port, target = _split(url)
         at.where, at.phase = _hostport(host, port), 'while looking up the host'
         ip = await self.resolver.check(host, port, cfg.allow_private_networks)
-        try: r = await self._exchange(url, scheme, host, port, ip, self.proxy_for(scheme, host), at)
+        try: r = await self._exchange(target, scheme, host, port, ip, self.proxy_for(scheme, host), at)
         except Exception as e: raise _classify(e, at) from None
         done = False
         try:
@@ -630,7 +635,9 @@ def _run(self:Fetcher, coro):
     except RuntimeError: pass
     else: return asyncio.run_coroutine_threadsafe(coro, self._side_loop()).result()
     loop = getattr(self._local, 'loop', None)
-    if loop is None or loop.is_closed(): loop = self._local.loop = asyncio.new_event_loop()
+    if loop is None or loop.is_closed() or self._local.pid != os.getpid():  # a forked child makes its own
+        loop, self._local.pid = asyncio.new_event_loop(), os.getpid()
+        self._local.loop, self._local.pool = loop, None
     return loop.run_until_complete(coro)
 
 @patch
