@@ -1,5 +1,8 @@
 "Fetch against hostile servers on 127.0.0.1: every phase bounded by the deadline, the cap on raw and decoded bytes, messages in the user's terms."
+import asyncio
+import base64
 import gzip
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +14,7 @@ import pytest
 
 from laion_nb import demo
 from laion_nb.errors import SampleError
-from laion_nb.fetch import FetchConfig, Fetcher
+from laion_nb.fetch import FetchConfig, Fetcher, Resolver
 
 TIMEOUT, MARGIN = 1.0, 1.5   # every hostile URL must end within TIMEOUT + MARGIN
 HANGING = ['stall/1', 'drip/1', 'slowstatus/1', 'slowheader/1', 'slowchunk/1.jpg']   # end only at the deadline
@@ -167,17 +170,15 @@ def test_messages_say_what_happened_not_which_class(server, tls_server):
         assert not any(w in got[url][1] for w in ('Pool', 'Connection(', 'object at', '_ssl.c')), got[url]
 
 
-def test_the_reaper_keeps_nothing_after_attempts_end(server):
-    "Thousands of attempts leave no socket duplicate open and no live entry in the reaper's heap."
-    from laion_nb.fetch import _reaper
+def test_attempts_leave_no_socket_open(server):
+    "Hundreds of attempts, failed ones included, leave no socket open once the fetcher is closed. (Was: the reaper's heap.)"
     f = fetcher()
     fds = len(os.listdir('/proc/self/fd'))
     for i in range(300): f.get(server.url(f'img/{i}.jpg'))
-    for r in ('status/404', 'reset/1', 'huge/1.jpg'):
+    for r in ('status/404', 'reset/1', 'huge/1.jpg', 'stall/1'):
         with pytest.raises(SampleError): f.get(server.url(r))
     f.close()
     assert len(os.listdir('/proc/self/fd')) <= fds + 2
-    with _reaper.cond: assert all(w.done and not w.socks for _, _, w in _reaper.heap)
 
 
 def test_hanging_false_leaves_out_what_ends_only_at_a_deadline(server, tmp_path):
@@ -206,3 +207,155 @@ def test_hanging_routes_end_when_the_server_stops():
     left = [t.name for t in threading.enumerate()][before:]
     for c in clients: c.close()
     assert threading.active_count() <= before, left
+
+
+# ---------------------------------------------------------------- the event loop: many in flight, kept connections, limits
+
+def run(coro):
+    "Run `coro` on a new event loop (each test its own), with a limit so a hang fails the test."
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+class RawServer:
+    "A raw-socket HTTP server on 127.0.0.1: `answer(conn, n)` answers the n-th request of a connection; counts accepted connections."
+    def __init__(self, answer):
+        self.answer, self.accepted, self.srv = answer, 0, socket.create_server(('127.0.0.1', 0))
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try: conn, _ = self.srv.accept()
+            except OSError: return
+            self.accepted += 1
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn):
+        with conn:
+            buf, n = b'', 0
+            while True:
+                while b'\r\n\r\n' not in buf:
+                    try: data = conn.recv(65536)
+                    except OSError: return
+                    if not data: return
+                    buf += data
+                _, buf = buf.split(b'\r\n\r\n', 1)
+                n += 1
+                if self.answer(conn, n) is False: return
+
+    def url(self, path='a.jpg'): return f'http://127.0.0.1:{self.port}/{path}'
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.srv.close()
+
+
+def ok(conn, n, body=b'picture'):
+    conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s' % (len(body), body))
+
+
+def test_a_kept_connection_is_shared_by_the_coroutines_of_a_loop():
+    "Ten requests one after another, each in its own task, go on one connection; ten at once open at most ten, and ten more none."
+    async def go(url):
+        f = fetcher()
+        for _ in range(10): assert (await asyncio.create_task(f.aget(url))).content == b'picture'
+        first = srv.accepted
+        await asyncio.gather(*(f.aget(url) for _ in range(10)))
+        second = srv.accepted
+        await asyncio.gather(*(f.aget(url) for _ in range(10)))
+        await f.aclose()
+        return first, second, srv.accepted
+    with RawServer(ok) as srv: first, second, third = run(go(srv.url()))
+    assert first == 1 and second <= 10 and third == second, (first, second, third)
+
+
+def test_a_kept_connection_the_server_dropped_is_retried_once_on_a_new_one():
+    "A server that answers one request per connection, then hangs up on the next: the request goes again, not counted as an attempt."
+    def once(conn, n):
+        if n > 1: return False   # closes without a byte of answer
+        ok(conn, n)
+    async def go(url):
+        f = fetcher()
+        got = [await f.aget(url) for _ in range(3)]
+        await f.aclose()
+        return got
+    with RawServer(once) as srv:
+        got = run(go(srv.url()))
+        assert [(r.content, r.attempts) for r in got] == [(b'picture', 1)] * 3 and srv.accepted == 3, srv.accepted
+
+
+def test_five_hundred_requests_at_once_on_a_stalling_route_end_at_the_deadline():
+    "500 coroutines on one loop against a server that never answers: all are timeouts, all within the deadline plus a margin."
+    async def go(s):
+        f = fetcher()
+        async def one(k):
+            t = time.monotonic()
+            try: await f.aget(s.url(f'stall/{k}')); return 'ok', time.monotonic() - t
+            except SampleError as e: return e.error_type, time.monotonic() - t
+        t = time.monotonic()
+        res = await asyncio.gather(*(one(k) for k in range(500)))
+        return res, time.monotonic() - t
+    with demo.ImageServer() as s: res, wall = run(go(s))
+    assert {k for k, _ in res} == {'timeout'}, res[:5]
+    assert max(took for _, took in res) < TIMEOUT + 3 and wall < TIMEOUT + 3, (max(took for _, took in res), wall)
+
+
+@pytest.mark.parametrize('head, want', [
+    (b'HTTP/1.1 200 OK\r\nX-Long: ' + b'a' * 70_000 + b'\r\n\r\n', 'a line longer than 65536 bytes'),
+    (b'HTTP/1.1 200 OK\r\n' + b''.join(b'X-%d: 1\r\n' % k for k in range(101)) + b'\r\n', 'more than 100 headers'),
+    (b'HTTP/1.1 200 OK\r\n' + b'X' * 70_000, 'a line longer than 65536 bytes'),
+    (b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n' + b'0' * 70_000 + b'\r\n', 'a line longer than 65536 bytes'),
+    (b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef', 'a bad Content-Length'),
+    (b'I am not HTTP\r\n\r\n', 'a bad status line')])
+def test_a_head_past_the_parser_limits_is_a_broken_response(head, want):
+    "A header or chunk-size line over 64 KiB, more than 100 headers, or a bad length: `reset`, at once, with what broke."
+    def send(conn, n): conn.sendall(head); time.sleep(0.5); return False
+    with RawServer(send) as srv:
+        kind, msg, took = timed(fetcher(), srv.url())
+    assert kind == 'reset' and f'127.0.0.1:{srv.port} sent a broken response: {want}' in msg and took < TIMEOUT, (kind, msg, took)
+
+
+def test_the_resolver_gives_made_up_hosts_their_address(server):
+    "A `hosts` wildcard sends every subdomain to the given address; the Host header keeps the name."
+    f = Fetcher(FetchConfig(timeout=TIMEOUT, retries=0, allow_private_networks=True), Resolver(hosts={'*.bench.test': '127.0.0.1'}))
+    sent = json.loads(f.get(f'http://img7.cdn.bench.test:{server.port}/echo/1').content)
+    assert sent['headers']['Host'] == f'img7.cdn.bench.test:{server.port}'
+    with pytest.raises(SampleError, match='non-public address 127.0.0.1'):
+        Fetcher(FetchConfig(timeout=TIMEOUT, retries=0), Resolver(hosts={'*.bench.test': '127.0.0.1'})).get(f'http://a.bench.test:{server.port}/img/1.jpg')
+
+
+def test_tls_sessions_are_resumed_on_new_connections(tls_server, cert):
+    "With no kept connections, each request makes a new TLS connection, and each after the first resumes the host's session."
+    f = fetcher(cert[0], kept_connections=0)
+    for i in range(4): assert f.get(tls_server.url(f'img/{i}.jpg')).content == demo.demo_image(i)
+    assert f.tls_resumed == 3, f.tls_resumed
+
+
+def test_https_through_a_tunnelling_proxy(tls_server, cert):
+    "HTTPS_PROXY: a CONNECT to the proxy with its credentials, then TLS end to end with the server's certificate checked."
+    seen = []
+    with socket.create_server(('127.0.0.1', 0)) as proxy:
+        def serve():
+            conn, _ = proxy.accept()
+            head = b''
+            while b'\r\n\r\n' not in head: head += conn.recv(4096)
+            seen.append(head.decode())
+            up = socket.create_connection(('127.0.0.1', tls_server.port))
+            conn.sendall(b'HTTP/1.1 200 Connection established\r\n\r\n')
+            def pipe(a, b):
+                try:
+                    while data := a.recv(65536): b.sendall(data)
+                except OSError: pass
+                finally:
+                    for s in (a, b):
+                        try: s.shutdown(socket.SHUT_RDWR)
+                        except OSError: pass
+            threading.Thread(target=pipe, args=(up, conn), daemon=True).start()
+            pipe(conn, up)
+        threading.Thread(target=serve, daemon=True).start()
+        saved = {k: os.environ.pop(k) for k in list(os.environ) if k.lower().endswith('_proxy')}
+        os.environ['HTTPS_PROXY'] = f'http://user:secret@127.0.0.1:{proxy.getsockname()[1]}'
+        try: f = fetcher(cert[0])
+        finally: os.environ.pop('HTTPS_PROXY'); os.environ.update(saved)
+        assert f.get(tls_server.url('img/6.jpg')).content == demo.demo_image(6)
+        f.close()
+    assert seen[0].startswith(f'CONNECT 127.0.0.1:{tls_server.port} HTTP/1.1\r\n'), seen
+    assert 'Proxy-Authorization: Basic ' + base64.b64encode(b'user:secret').decode() in seen[0], seen
