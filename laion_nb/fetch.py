@@ -603,8 +603,8 @@ async def _hops(self:Fetcher, url:str, at:_Attempt) -> Fetched:
                 err = _classify(e, at); err.status = 200; raise err from None
             done = True; self._keep(r)
             return Fetched(url, r.status, r.headers, content)
-        finally:
-            if not done: await self._settle(r)
+        finally:  # a body cut off midway closes its connection; one not begun may leave it fit for the next request
+            if not done: r.conn.abort() if at.phase == 'while reading the body' else await self._settle(r)
 
 # %% ../nbs/01_fetch.ipynb #ea2903c3
 def backoff_delay(n:int, cfg:FetchConfig, retry_after:float|None=None, rng=random) -> float:

@@ -359,3 +359,11 @@ def test_https_through_a_tunnelling_proxy(tls_server, cert):
         f.close()
     assert seen[0].startswith(f'CONNECT 127.0.0.1:{tls_server.port} HTTP/1.1\r\n'), seen
     assert 'Proxy-Authorization: Basic ' + base64.b64encode(b'user:secret').decode() in seen[0], seen
+
+
+def test_get_works_inside_a_running_event_loop(server):
+    "As in a Jupyter cell, where the kernel's loop runs: `get` hands the request to the fetcher's side thread."
+    f = fetcher()
+    async def cell(): return f.get(server.url('img/9.jpg')).content
+    assert asyncio.run(cell()) == demo.demo_image(9)
+    f.close()
