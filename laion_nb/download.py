@@ -50,7 +50,8 @@ class DownloadConfig:
     threads:int=64                 # requests in flight per process
     processes:int|None=None        # worker processes (None: one per core when there are 1,000+ rows to fetch)
     per_host:int=32                # requests in flight per host per process
-    resize:int|None=None           # scale images down so the longest side is at most this
+    resize:int|None=None           # shrink images to at most this many px, as `resize_mode` says; never enlarge (None: keep)
+    resize_mode:str='longest'      # what `resize` bounds: the 'longest' side, the 'shortest' side, or 'center_crop' (a square)
     retry_failed:bool=False        # fetch again rows that failed for a permanent reason
     respect_opt_out:bool=True      # honour X-Robots-Tag noai / noimageai
     allow_private_networks:bool=False # allow private, loopback and link-local addresses
@@ -69,7 +70,7 @@ class DownloadConfig:
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(timeout=self.timeout, retries=self.retries, max_bytes=self.max_bytes,
                            respect_opt_out=self.respect_opt_out, allow_private_networks=self.allow_private_networks)
-    def image_rules(self) -> ImageRules: return ImageRules(resize=self.resize)
+    def image_rules(self) -> ImageRules: return ImageRules(resize=self.resize, resize_mode=self.resize_mode)
     @property
     def row_deadline(self) -> float:
         "The longest one row can take: every attempt timing out, plus the waits between them."
@@ -153,7 +154,7 @@ class Downloader:
             rel = image_path(index)
             write_atomic(self.out_dir/rel, img.data, self.tmp_dir, self.aborted if abort is None else _AnySet(self.aborted, abort))
             return records.Saved(index, rel, url, caption, img.width, img.height, len(img.data),
-                                 hashlib.sha256(img.data).hexdigest())
+                                 hashlib.sha256(img.data).hexdigest(), img.original_width, img.original_height)
         except SampleError as e: return records.Failed(index, url, e.error_type, res.status, e.message, res.attempts)
         except Aborted: raise
         except Exception as e: return internal_failure(index, url, e)  # our bug, or the disk: not the data's fault
@@ -787,7 +788,9 @@ def _parser() -> argparse.ArgumentParser:
     a('--threads', type=int, default=64, help='requests in flight per process (default: %(default)s)')
     a('--processes', type=int, default=None, help='worker processes (default: one per core for 1,000+ rows)')
     a('--per-host', type=int, default=32, help='requests in flight per host per process (default: %(default)s)')
-    a('--resize', type=int, default=None, help='scale images down so the longest side is at most N px (default: keep)')
+    a('--resize', type=int, default=None, help='shrink images to at most N px as --resize-mode says; never enlarges them (default: keep the size)')
+    a('--resize-mode', choices=('longest', 'shortest', 'center_crop'), default='longest',
+      help='with --resize: bound the longest side, the shortest side, or cut the centre square, N x N (default: %(default)s)')
     a('--retry-failed', action='store_true', help='also retry rows that failed permanently before (404, not an image, ...)')
     a('--no-opt-out-check', action='store_true', help='ignore X-Robots-Tag noai/noimageai (honoured by default)')
     a('--allow-private-networks', action='store_true', help='allow URLs on private, loopback and link-local addresses')
@@ -810,7 +813,7 @@ def main(argv:list[str]|None=None) -> int:
             p.error(f'--{flag.replace("_", "-")} must be {"at least 0" if flag in ("max_samples", "retry") else "at least 1"}, got {v}')
     try:
         cfg = DownloadConfig(metadata=a.metadata, output_dir=a.output_dir, max_samples=a.max_samples, timeout=a.timeout,
-                             retries=a.retry, threads=a.threads, processes=a.processes, per_host=a.per_host, resize=a.resize,
+                             retries=a.retry, threads=a.threads, processes=a.processes, per_host=a.per_host, resize=a.resize, resize_mode=a.resize_mode,
                              retry_failed=a.retry_failed, respect_opt_out=not a.no_opt_out_check,
                              allow_private_networks=a.allow_private_networks, max_bytes=a.max_bytes,
                              url_col=a.url_col, caption_col=a.caption_col)

@@ -15,16 +15,20 @@ from PIL import Image, BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImage
 from .errors import SampleError
 
 # %% auto #0
-__all__ = ['PIXEL_BUDGET', 'ImageRules', 'sniff', 'JpegLayout', 'jpeg_layout', 'PixelBudget', 'CheckedImage', 'check_image']
+__all__ = ['RESIZE_MODES', 'PIXEL_BUDGET', 'ImageRules', 'sniff', 'JpegLayout', 'jpeg_layout', 'PixelBudget', 'CheckedImage',
+           'check_image']
 
 # %% ../nbs/02_images.ipynb #8b15436a
+RESIZE_MODES = ('longest', 'shortest', 'center_crop')  # what `resize` bounds: see "Resizing" below
+
 @dataclass
 class ImageRules:
     "What makes a body a usable image, and how to save it."
     min_size:int=64               # drop images narrower or shorter than this (the guide: 64x64)
     max_size:int=10000            # drop images wider or taller than this (the guide: 10000x10000)
     max_pixels:int=100_000_000    # drop images with more pixels than this, before decoding
-    resize:int|None=None          # scale down so the longest side is at most this (None: keep the size)
+    resize:int|None=None          # shrink to at most this many px, as `resize_mode` says; never enlarge (None: keep the size)
+    resize_mode:str='longest'     # 'longest' side, 'shortest' side, or 'center_crop' (the centre square) at most `resize`
     quality:int=95                # JPEG quality when an image has to be encoded
 
     def __post_init__(self):
@@ -32,6 +36,8 @@ class ImageRules:
             raise ValueError(f'need 0 < min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}')
         if self.resize is not None and self.resize < self.min_size:
             raise ValueError(f'resize ({self.resize}) must be at least min_size ({self.min_size})')
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f'resize_mode must be one of {", ".join(RESIZE_MODES)}, got {self.resize_mode!r}')
         if not 1 <= self.quality <= 100: raise ValueError(f'quality must be 1 to 100, got {self.quality}')
 
 # %% ../nbs/02_images.ipynb #27423dfd
@@ -43,10 +49,26 @@ def check_size(self:ImageRules, w:int, h:int):
     if w * h > self.max_pixels: raise SampleError('too_large', f'{w}x{h} has over {self.max_pixels} pixels')
 
 # %% ../nbs/02_images.ipynb #cbad6798
+def _near(a:int, n:int, d:int) -> int:
+    "`a * n / d` rounded to the nearest integer, halves up, at least 1 (integers only: no float surprises)."
+    return max(1, (2 * a * n + d) // (2 * d))
+
+@patch
+def plan(self:ImageRules, w:int, h:int) -> tuple[tuple[int, int], tuple[int, int, int, int]|None]:
+    "The size a `w` x `h` image is saved at, and the box of it that is kept (None: all of it)."
+    n = self.resize
+    if n is None: return (w, h), None
+    if self.resize_mode == 'center_crop':
+        s = min(w, h); x, y = (w - s) // 2, (h - s) // 2
+        return (min(s, n), min(s, n)), (None if w == h else (x, y, x + s, y + s))
+    side = max(w, h) if self.resize_mode == 'longest' else min(w, h)
+    if side <= n: return (w, h), None
+    return (_near(w, n, side), _near(h, n, side)), None
+
 @patch
 def resize_needed(self:ImageRules, w:int, h:int) -> bool:
-    "Whether an image of `w` x `h` must be scaled down to `resize`."
-    return self.resize is not None and max(w, h) > self.resize
+    "Whether a `w` x `h` image must be scaled down or cut to follow `resize`."
+    return self.plan(w, h) != ((w, h), None)
 
 # %% ../nbs/02_images.ipynb #6bde6c19
 _MAGIC = [(b'\xff\xd8\xff', 'JPEG'), (b'\x89PNG\r\n\x1a\n', 'PNG'), (b'GIF87a', 'GIF'), (b'GIF89a', 'GIF'),
@@ -250,17 +272,38 @@ def _load(im:Image.Image):
         im.im = Image.core.new(im.mode, im._tile_size)
     im.load()
 
-def _reencode(im:Image.Image, rules:ImageRules, resized:bool) -> tuple[bytes, tuple[int, int], int]:
-    "JPEG bytes, size and EXIF orientation of the decoded `im`, made 8-bit, resized and upright; closes what it makes."
-    turn, out = _orientation(im), None  # a PNG may carry its EXIF after its pixels; Pillow turns a TIFF as it loads it
+def _dct_scale(region:tuple[int, int], out:tuple[int, int]) -> int:
+    "The largest JPEG DCT scale (8, 4, 2 or 1) that decodes `region` (w, h) to at least `out` pixels."
+    most = min(region[0] // out[0], region[1] // out[1])
+    return next(k for k in (8, 4, 2, 1) if k <= most or k == 1)
+
+def _draft(im:Image.Image, k:int) -> int:
+    "Have the JPEG `im` decoded at 1/`k` scale (at most); the scale it will be decoded at."
+    w, h = im.size
+    res = im.draft(im.mode, (max(1, w // k), max(1, h // k)))
+    return 1 if res is None else round(w / res[1][2])
+
+# %% ../nbs/02_images.ipynb #2754c5f2
+_GAP = 2.0  # Pillow's reducing_gap: reduce() by whole factors while the last (Lanczos) step still shrinks by at least this
+
+def _fit(im:Image.Image, full:tuple[int, int], scale:int, rules:ImageRules) -> Image.Image:
+    "`im`, decoded at 1/`scale` of `full` (w, h), cut and scaled as `rules` plan it (a new image, or `im` itself)."
+    size, box = rules.plan(*full)
+    if size == full and box is None: return im
+    if box is not None and scale == 1 and (box[2] - box[0], box[3] - box[1]) == size: return im.crop(box)
+    box = tuple(v / scale for v in (box or (0, 0, *full)))
+    return im.resize(size, Image.LANCZOS, box=box, reducing_gap=_GAP)
+
+def _reencode(im:Image.Image, rules:ImageRules, full:tuple[int, int], scale:int) -> tuple[bytes, tuple[int, int], int]:
+    "JPEG bytes, size and EXIF orientation of the decoded `im` (1/`scale` of `full`), made 8-bit, resized and upright; closes what it makes."
+    turn, out = _orientation(im), im  # a PNG may carry its EXIF after its pixels; Pillow turns a TIFF as it loads it
+    if scale == 1: full = im.size      # (so a TIFF is planned by its size once turned)
     try:
-        out = _eight_bit(im)
-        if out is not im: im.close()
-        if resized: out.thumbnail((rules.resize, rules.resize), Image.LANCZOS)
-        if turn != 1: out = out.transpose(_TURN[turn])
+        for step in (_eight_bit, lambda x: _fit(x, full, scale, rules), lambda x: x.transpose(_TURN[turn]) if turn != 1 else x):
+            nxt = step(out)
+            if nxt is not out: out.close(); out = nxt
         return _encode(out, rules.quality), out.size, turn
-    finally:
-        if out is not None: out.close()
+    finally: out.close()
 
 # %% ../nbs/02_images.ipynb #4fabfe1c
 def check_image(data:bytes, rules:ImageRules|None=None) -> CheckedImage:
@@ -277,16 +320,16 @@ def check_image(data:bytes, rules:ImageRules|None=None) -> CheckedImage:
     rules.check_size(w, h)
     if jpeg and jpeg.entropy < jpeg.least:
         raise _corrupt(fmt, w, h, f'{jpeg.entropy} bytes of image data, its 8x8 blocks need at least {jpeg.least}')
-    turn, keep = _orientation(im), fmt == 'JPEG' and im.mode in ('RGB', 'L') and not rules.resize_needed(w, h)
+    (tw, th), box = rules.plan(w, h)
+    resized, turn = rules.resize_needed(w, h), _orientation(im)
+    keep = fmt == 'JPEG' and im.mode in ('RGB', 'L') and not resized
     try:
-        if fmt == 'JPEG' and keep: im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
-        elif fmt == 'JPEG' and rules.resize: im.draft('RGB', (rules.resize, rules.resize))
-        resized = rules.resize_needed(*im.size)
-        out_px = rules.resize ** 2 if resized else im.size[0] * im.size[1]
-        with PIXEL_BUDGET(_cost(im.mode, im.size[0] * im.size[1], out_px, keep, resized, turn != 1)):
+        region = (w, h) if box is None else (box[2] - box[0], box[3] - box[1])
+        scale = _draft(im, 8 if keep else _dct_scale(region, (tw, th))) if fmt == 'JPEG' else 1
+        with PIXEL_BUDGET(_cost(im.mode, im.size[0] * im.size[1], tw * th, keep, resized, turn != 1)):
             try:  # every pixel buffer is closed before the budget is given back
                 _load(im)
-                if not keep: data, (sw, sh), turn = _reencode(im, rules, resized)
+                if not keep: data, (sw, sh), turn = _reencode(im, rules, (w, h), scale)
             finally: im.close()
     except Image.DecompressionBombError as e: raise SampleError('too_large', f'{fmt}: {e}') from None
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as e: raise _corrupt(fmt, w, h, e) from None

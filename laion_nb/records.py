@@ -6,7 +6,7 @@
 from __future__ import annotations
 import io, json, os, shutil, warnings
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 # %% auto #0
@@ -28,10 +28,12 @@ class Saved:
     path: str     # image file relative to the output dir, e.g. `images/123.jpg`
     url: str      # where it was fetched from
     caption: str  # the row's caption
-    width: int    # size of the saved image
+    width: int    # size of the saved image, as displayed
     height: int
     bytes: int    # size of the saved file
     sha256: str   # hex digest of the saved file
+    original_width: int|None = None   # size of the image as it came, as displayed (None: a record from before it was kept)
+    original_height: int|None = None
 
 @dataclass(frozen=True)
 class Failed:
@@ -93,13 +95,17 @@ def _schema(cls):
     import pyarrow as pa
     return pa.schema([(f.name, pa.int64() if f.type.startswith('int') else pa.string()) for f in fields(cls)])
 
+def _optional(cls) -> set:
+    "The fields of `cls` a line may leave out or null (those with a default, and `Failed.status`)."
+    return {f.name for f in fields(cls) if f.default is not MISSING or f.name == 'status'}
+
 def _fast(data:bytes, cls):
     "The records in `data` as a frame, read by Arrow; None if any line is not a clean record (the slow path says which)."
     import pandas as pd, pyarrow as pa, pyarrow.json as pj
-    schema = _schema(cls)
+    schema, optional = _schema(cls), _optional(cls)
     try: t = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior='ignore'))
     except (pa.ArrowException, ValueError): return None
-    if any(t.column(n).null_count for n in schema.names if n != 'status'): return None
+    if any(t.column(n).null_count for n in schema.names if n not in optional): return None
     return t.select(schema.names).to_pandas(types_mapper=lambda ty: pd.StringDtype('pyarrow') if ty == pa.string() else None)
 
 def _slow(data:bytes, path, cls, skip_bad_lines):
@@ -111,14 +117,14 @@ def _slow(data:bytes, path, cls, skip_bad_lines):
         try:
             rec = json.loads(line)
             if not isinstance(rec, dict) or not isinstance(rec.get('index'), int): raise ValueError('no integer "index"')
-            missing = [n for n in names if n not in rec]
+            missing = [n for n in names if n not in rec and n not in _optional(cls)]
             if missing: raise ValueError(f'missing {", ".join(missing)}')
         except ValueError as e:
             if not skip_bad_lines:
                 raise BadRecordError(f'{path}, line {no}: not a valid {cls.__name__} record ({e}); fix line {no} of '
                                      f'{Path(path).name} or delete it (that row is then fetched again), and run again') from None
             bad.append(no); continue
-        recs.append({n: rec[n] for n in names})
+        recs.append({n: rec.get(n) for n in names})
     if bad: warnings.warn(f'{path}: skipped {len(bad)} bad line(s): {bad[:10]}')
     return pd.DataFrame(recs, columns=names), bad
 
