@@ -278,7 +278,7 @@ def run_tool(name, dump, out, a, resize, server, code=None):
     saved, misses = check_saved(out if is_peer else out/'images', resize, min_side=0 if is_peer else 64)
     n = a.rows
     return SimpleNamespace(name=name, wall=wall, speed=n / wall, cpu=cpu / n * 1000, rss=rss / 2**20, saved=saved, misses=misses,
-                           server=scpu / n * 1000, server_busy=scpu / wall, requests=sreq / n,
+                           server=scpu / n * 1000, server_busy=scpu / wall, server_procs=getattr(server, 'n', 1), requests=sreq / n,
                            errors=None if is_peer else our_errors(out))
 
 
@@ -330,6 +330,7 @@ def line(r, shape):
     errs = f'  errors: {", ".join(f"{k} {v}" for k, v in r.errors.most_common(6))}' if r.errors else ''
     return (f'{r.name:14s} {shape}: {r.speed:7.1f} URLs/s  {r.cpu:5.2f} ms CPU/URL  peak RSS {r.rss:5.0f} MB  saved {r.saved:,}  '
             f'({r.wall:.1f} s; server {r.server:.2f} ms CPU/URL, {r.server_busy:.0%} of a core, {r.requests:.2f} requests/URL)'
+            + ('  SERVER BUSY: try --server-processes 2' if r.server_busy > 0.8 * r.server_procs else '')
             + (f'  MISSES {len(r.misses)}: {"; ".join(r.misses[:3])}' if r.misses else '') + errs)
 
 
@@ -348,6 +349,13 @@ def report(results, a):
             theirs = got['img2dataset']
             for name, r in got.items():
                 if name != 'img2dataset': pairs.setdefault(name, []).append((r.speed / theirs.speed, theirs.cpu / r.cpu))
+        span = lambda xs, f: f'{f.format(min(xs))}-{f.format(max(xs))}' if len(xs) > 1 else f.format(xs[0])
+        for name in dict.fromkeys(r.name for _, r in runs):
+            rs = [r for _, r in runs if r.name == name]
+            print(f'\n{shape}, {name} over {len(rs)} run(s): {span([r.speed for r in rs], "{:.1f}")} URLs/s, '
+                  f'{span([r.cpu for r in rs], "{:.2f}")} ms CPU/URL, peak RSS {span([r.rss for r in rs], "{:.0f}")} MB, '
+                  f'saved {span([r.saved for r in rs], "{:,}")}, misses {sum(len(r.misses) for r in rs)}; '
+                  f'server {span([r.server for r in rs], "{:.2f}")} ms CPU/URL')
         for name, ps in pairs.items():
             print(f'\n{shape}, {name} / img2dataset, per pair: speed {", ".join(f"{s:.2f}x" for s, _ in ps)}; '
                   f'CPU theirs/ours {", ".join(f"{c:.2f}x" for _, c in ps)}')
