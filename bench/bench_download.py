@@ -75,7 +75,7 @@ class DemoServer:
         self.port, pid = self.parent.recv()
         from bench_server import cpu_seconds
         return SimpleNamespace(url=lambda route: f'{self.scheme}://127.0.0.1:{self.port}/{route.lstrip("/")}',
-                               cpu=lambda: cpu_seconds(pid), requests=lambda: 0)
+                               cpu=lambda: cpu_seconds(pid), requests=lambda: float('nan'))
     def __exit__(self, *exc):
         self.parent.send('stop'); self.proc.join(10)
         if self.proc.is_alive(): self.proc.kill()
