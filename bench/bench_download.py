@@ -12,7 +12,7 @@ Two shapes of dump:
   `.bench.test`, Zipf-spread like LAION's (a few big CDNs with many rows, a long tail with one or two), each its own
   pool in both tools, so every new host pays a new TCP (and TLS) connection; `--https-share` of the rows (default 0.63)
   on HTTPS with a wildcard certificate from a local CA made with the openssl CLI, which both tools are told to trust
-  the standard way (SSL_CERT_FILE, REQUESTS_CA_BUNDLE); formats as the URL's extension says (~90 % .jpg, then .png,
+  the standard way (SSL_CERT_FILE, REQUESTS_CA_BUNDLE; a P-256 key, `--cert-key rsa` for RSA 2048); formats as the URL's extension says (~90 % .jpg, then .png,
   .webp, .gif). The names resolve to 127.0.0.1 through a generated `sitecustomize.py` on PYTHONPATH that wraps
   `socket.getaddrinfo` in every Python process of both tools (their worker processes inherit PYTHONPATH); no
   system file is touched. Default latencies 0.1 s and 1 s, resize off and 384.
