@@ -12,7 +12,7 @@ Two shapes of dump:
   `.bench.test`, Zipf-spread like LAION's (a few big CDNs with many rows, a long tail with one or two), each its own
   pool in both tools, so every new host pays a new TCP (and TLS) connection; `--https-share` of the rows (default 0.63)
   on HTTPS with a wildcard certificate from a local CA made with the openssl CLI, which both tools are told to trust
-  the standard way (SSL_CERT_FILE, REQUESTS_CA_BUNDLE); formats as the URL's extension says (~90 % .jpg, then .png,
+  the standard way (SSL_CERT_FILE, REQUESTS_CA_BUNDLE; a P-256 key, `--cert-key rsa` for RSA 2048); formats as the URL's extension says (~90 % .jpg, then .png,
   .webp, .gif). The names resolve to 127.0.0.1 through a generated `sitecustomize.py` on PYTHONPATH that wraps
   `socket.getaddrinfo` in every Python process of both tools (their worker processes inherit PYTHONPATH); no
   system file is touched. Default latencies 0.1 s and 1 s, resize off and 384.
@@ -75,7 +75,7 @@ class DemoServer:
         self.port, pid = self.parent.recv()
         from bench_server import cpu_seconds
         return SimpleNamespace(url=lambda route: f'{self.scheme}://127.0.0.1:{self.port}/{route.lstrip("/")}',
-                               cpu=lambda: cpu_seconds(pid), requests=lambda: 0)
+                               cpu=lambda: cpu_seconds(pid), requests=lambda: float('nan'))
     def __exit__(self, *exc):
         self.parent.send('stop'); self.proc.join(10)
         if self.proc.is_alive(): self.proc.kill()
@@ -131,12 +131,16 @@ def measure(cmd, env=None):
 
 
 # ---------- names, certificates, dumps ----------
-def make_tls(folder):
-    "A local CA and a certificate it signs for *.bench.test, bench.test and 127.0.0.1, made with the openssl CLI: (ca, (cert, key))."
+def make_tls(folder, kind='ec'):
+    """A local CA and a certificate it signs for *.bench.test, bench.test and 127.0.0.1, made with the openssl CLI: (ca, (cert, key)).
+
+    `kind` 'ec' (P-256, as the big CDNs serve) or 'rsa' (2048 bit): an RSA signature costs the server about 1 ms of CPU per
+    handshake, which on a small machine it takes from the tools."""
     folder = Path(folder); run = lambda *c: subprocess.run(c, check=True, capture_output=True, cwd=folder)
-    run('openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-keyout', 'ca.key', '-out', 'ca.pem',
+    new = ['-newkey', 'rsa:2048'] if kind == 'rsa' else ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1']
+    run('openssl', 'req', '-x509', *new, '-nodes', '-days', '2', '-keyout', 'ca.key', '-out', 'ca.pem',
         '-subj', '/CN=laion_nb bench CA', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
-    run('openssl', 'req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'key.pem', '-out', 'leaf.csr', '-subj', f'/CN=*.{SUFFIX}')
+    run('openssl', 'req', *new, '-nodes', '-keyout', 'key.pem', '-out', 'leaf.csr', '-subj', f'/CN=*.{SUFFIX}')
     (folder/'leaf.ext').write_text(f'subjectAltName=DNS:*.{SUFFIX},DNS:{SUFFIX},IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n'
                                    'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n'
                                    'subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n')
@@ -387,6 +391,7 @@ def main():
     p.add_argument('--no-peer', action='store_true')
     p.add_argument('--work-dir', default=None, help='where the dumps and outputs go (default: the system temp dir; /dev/shm takes the disk out)')
     p.add_argument('--tls', action='store_true', help='loopback: serve HTTPS (a certificate from a local CA both tools trust)')
+    p.add_argument('--cert-key', choices=('ec', 'rsa'), default='ec', help='the certificate\'s key: P-256 or RSA 2048')
     p.add_argument('--server-processes', type=int, default=1, help='asyncio server processes sharing the ports (SO_REUSEPORT)')
     p.add_argument('--demo-server', action='store_true', help="loopback: the demo's threaded server instead of the asyncio one")
     p.add_argument('--repeat', type=int, default=1, help='runs of each tool per shape, alternating')
@@ -408,7 +413,7 @@ def main():
     results = {}
     try:
         tls = web and a.https_share > 0 or a.tls
-        a.ca, cert = make_tls(tmp) if tls else (None, None)
+        a.ca, cert = make_tls(tmp, a.cert_key) if tls else (None, None)
         a.site = make_site(tmp) if web else None
         for latency in a.latency:
             server = (DemoServer(latency, cert and tuple(cert), size) if a.demo_server else

@@ -9,6 +9,10 @@ prints URLs/s and CPU ms per URL (`time.process_time()`: every thread of the pro
     python bench/bench_fetch.py --urls 2000 --inflight 512 --latency 1
     python bench/bench_fetch.py --hosts 500                       # 500 host names (*.bench.test): a new connection per host
     python bench/bench_fetch.py --no-keep --tls-only              # a new TLS connection per URL: what session resumption saves
+
+Read the many-host HTTPS shape with care: the event loop does every TLS handshake of the process on one thread,
+where the old threads spread them over both cores (OpenSSL releases the GIL), and on a machine loaded by others a
+single busy thread gets a smaller share of the CPU than 512 threads do. Run it on a quiet machine.
 """
 import argparse, asyncio, importlib.util, json, os, subprocess, sys, tempfile, time
 from pathlib import Path

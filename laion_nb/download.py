@@ -209,9 +209,10 @@ TICK = 0.25        # seconds between two looks of the feeding thread at the rows
 CHECK_THREADS = 2  # threads per process that check, encode and write images: the CPU part of a row
 
 class _Flight:
-    "A row in flight: the row, its task, when it got its host slot (None: still waiting), and the flag that gives it up."
-    __slots__ = ('row', 'task', 't0', 'abort', 'abandoned')
-    def __init__(self, row): self.row, self.task, self.t0, self.abort, self.abandoned = row, None, None, threading.Event(), False
+    "A row in flight: the row, its task, when it got its host slot (None: still waiting), and whether it was given up on."
+    __slots__ = ('row', 'task', 't0', 'abandoned')
+    def __init__(self, row): self.row, self.task, self.t0, self.abandoned = row, None, None, False
+    def is_set(self) -> bool: return self.abandoned  # a flight is its own abort flag (`write_atomic` asks it)
 
 # %% ../nbs/03_download.ipynb #5daf1bde
 class RowPool:
@@ -280,7 +281,7 @@ def _finish(self:RowPool, rec):
 def _check(self:RowPool, f:_Flight, res):
     "In a checking thread: check and store the fetched body of row `f`, and settle the row."
     i, url, cap = f.row
-    try: rec = self.dl.store(i, url, cap, res, f.abort)
+    try: rec = self.dl.store(i, url, cap, res, f)
     except Aborted: rec = None
     except Exception as e: rec = internal_failure(i, url, e)
     self._settle(f, rec)
@@ -308,7 +309,7 @@ def watch(self:RowPool):
     self._ticked = now
     with self.lock:
         late = [f for f in self.running.values() if f.t0 is not None and now - f.t0 > self.deadline]
-        for f in late: del self.running[id(f)]; f.abandoned = True; f.abort.set()
+        for f in late: del self.running[id(f)]; f.abandoned = True
         if late and not self.running: self.idle.set()
         starts, n = [f.t0 for f in self.running.values() if f.t0 is not None], len(self.running)
     if late: self.checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix='laion_nb-check')  # the old one may be stuck

@@ -517,8 +517,10 @@ def _keep(self:Fetcher, r:_Response):
     "Return `r`'s connection to the pool if the response allows, with its TLS session noted; else close it."
     if not r.keep_alive(): return r.conn.abort()
     if not r.conn.reused and (so := r.conn.writer.get_extra_info('ssl_object')) is not None:
-        self.tls_sessions[r.conn.key[1:3]] = so.session; self.tls_resumed += so.session_reused
-        if len(self.tls_sessions) > 10_000: self.tls_sessions.popitem(last=False)
+        if so.session_reused: self.tls_resumed += 1
+        else:  # a first session with this host, or the one offered was refused: note this one (reading it costs 0.3 ms)
+            self.tls_sessions[r.conn.key[1:3]] = so.session
+            if len(self.tls_sessions) > 10_000: self.tls_sessions.popitem(last=False)
     self._pool().put(r.conn)
 
 @patch
