@@ -509,8 +509,8 @@ async def _exchange(self:Fetcher, target:str, scheme:str, host:str, port:int, ip
             return _Response(conn, *await _read_head(conn.reader))
         except BaseException as e:
             conn.abort()
-            if not (conn.reused and isinstance(e, _NoResponse)): raise
-            conn = None  # a kept connection the server had closed: once more, on a new one
+            if not (conn.reused and isinstance(e, _NoResponse) and not e.args): raise  # a reset is an attempt: a server may
+            conn = None  # mean it; a kept connection that just ends was closed by the server as we sent: once more, on a new one
 
 @patch
 def _keep(self:Fetcher, r:_Response):
@@ -518,8 +518,9 @@ def _keep(self:Fetcher, r:_Response):
     if not r.keep_alive(): return r.conn.abort()
     if not r.conn.reused and (so := r.conn.writer.get_extra_info('ssl_object')) is not None:
         if so.session_reused: self.tls_resumed += 1
-        else:  # a first session with this host, or the one offered was refused: note this one (reading it costs 0.3 ms)
-            self.tls_sessions[r.conn.key[1:3]] = so.session
+        else:  # reading a session costs 0.3 ms of CPU: only for a host seen before (most hosts of a dump are seen once)
+            key = r.conn.key[1:3]
+            self.tls_sessions[key] = so.session if key in self.tls_sessions else None  # None: seen, no session read
             if len(self.tls_sessions) > 10_000: self.tls_sessions.popitem(last=False)
     self._pool().put(r.conn)
 

@@ -323,10 +323,10 @@ def test_the_resolver_gives_made_up_hosts_their_address(server):
 
 
 def test_tls_sessions_are_resumed_on_new_connections(tls_server, cert):
-    "With no kept connections, each request makes a new TLS connection, and each after the first resumes the host's session."
+    "With no kept connections, each request makes a new TLS connection; the second notes the host's session, later ones resume it."
     f = fetcher(cert[0], kept_connections=0)
-    for i in range(4): assert f.get(tls_server.url(f'img/{i}.jpg')).content == demo.demo_image(i)
-    assert f.tls_resumed == 3, f.tls_resumed
+    for i in range(5): assert f.get(tls_server.url(f'img/{i}.jpg')).content == demo.demo_image(i)
+    assert f.tls_resumed == 3, f.tls_resumed  # the first connection reads no session: most hosts are met once
 
 
 def test_https_through_a_tunnelling_proxy(tls_server, cert):
