@@ -469,3 +469,16 @@ def test_cli_resize_mode_through_the_demo_server(tmp_path):
         assert im.format == 'JPEG' and im.size == (r['width'], r['height']) == (side, side), r
     line = json.loads((tmp_path/'out'/records.SAVED_FILE).read_text().splitlines()[0])
     assert {'original_width', 'original_height', 'width', 'height'} <= set(line)
+
+
+@pytest.mark.parametrize('mode', ['longest', 'shortest', 'center_crop'])
+def test_resized_pixels_stay_faithful(mode):
+    "Resized too, a 16-bit PNG keeps its brightness and half-transparent red comes out pink on white."
+    rules = ImageRules(resize=100, resize_mode=mode)
+    g16 = enc(Image.fromarray(np.full((300, 500), 127 * 257, np.uint16)), 'PNG')
+    c = check_image(g16, rules)
+    assert c.converted and abs(np.asarray(decoded(c), dtype=float).mean() - 127) < 2
+    c = check_image(enc(Image.new('RGBA', (500, 300), (255, 0, 0, 128)), 'PNG'), rules)
+    px = decoded(c).convert('RGB').getpixel((c.width // 2, c.height // 2))
+    assert all(abs(a - b) <= 3 for a, b in zip(px, (255, 127, 127))), px
+    assert (c.width, c.height) == promised(500, 300, 100, mode)
