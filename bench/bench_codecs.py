@@ -10,8 +10,9 @@ Photo-like noisy pictures (smooth shapes plus noise, 4:3) are made with Pillow a
 and saved as JPEG (q85), PNG, WebP (q80) and GIF (256 colours). Each path turns one into a JPEG (q95, 4:2:0)
 resized to `--target` in each mode, on one thread; the table gives CPU ms per image (`time.process_time`):
 
-- `main`: laion_nb's `check_image` as it is on git `main` (longest side only; loaded from `git show`).
-- `pillow`: laion_nb's `check_image` of this tree (draft to the least scale the target needs, one Lanczos).
+- `main`: laion_nb's `check_image` at git `--baseline` (default `main`; 936a7a0 is the last before the resize modes),
+  longest side only, loaded with `git show`.
+- `pillow`: laion_nb's `check_image` of this tree (draft to the least scale the target needs, one bicubic).
 - `vips`: libvips `thumbnail_buffer` (shrink-on-load for JPEG and WebP), `jpegsave_buffer`.
 - `cv2`: OpenCV `imdecode` (`IMREAD_REDUCED_COLOR_2/4/8` for a JPEG, at the scale laion_nb's draft picks),
   crop, `resize` with `INTER_AREA`, `imencode`.
@@ -54,12 +55,12 @@ def encode(im, fmt):
     return buf.getvalue()
 
 
-def main_check_image():
-    "`check_image` of git main's laion_nb/images.py, loaded as a module beside this tree's."
-    try: src = subprocess.run(['git', '-C', str(ROOT), 'show', 'main:laion_nb/images.py'], capture_output=True, check=True).stdout
+def main_check_image(ref='main'):
+    "`check_image` of laion_nb/images.py at git `ref`, loaded as a module beside this tree's."
+    try: src = subprocess.run(['git', '-C', str(ROOT), 'show', f'{ref}:laion_nb/images.py'], capture_output=True, check=True).stdout
     except (subprocess.CalledProcessError, FileNotFoundError): return None
     mod = sys.modules['laion_nb._images_main'] = types.ModuleType('laion_nb._images_main'); mod.__package__ = 'laion_nb'
-    exec(compile(src, 'main:laion_nb/images.py', 'exec'), mod.__dict__)
+    exec(compile(src, f'{ref}:laion_nb/images.py', 'exec'), mod.__dict__)
     return lambda data, mode, n: mod.check_image(data, mod.ImageRules(resize=n)).data if mode == 'longest' else None
 
 
@@ -121,15 +122,17 @@ def make_simplejpeg():
     return run
 
 
-def cpu_ms(f, bodies, mode, n, seconds):
-    "CPU ms per image of `f` over `bodies`, repeated for at least `seconds` of CPU; None if `f` does not do it."
+def cpu_ms(f, bodies, mode, n, seconds, repeats=5):
+    "CPU ms per image of `f` over `bodies`: the least of `repeats` rounds of `seconds` each (the machine is shared); None if `f` does not do it."
     if f(bodies[0], mode, n) is None: return None
-    count, t0 = 0, time.process_time()
-    while True:
-        for b in bodies: f(b, mode, n)
-        count += len(bodies)
-        took = time.process_time() - t0
-        if took >= seconds: return took / count * 1000
+    best = float('inf')
+    for _ in range(repeats):
+        count, t0 = 0, time.process_time()
+        while time.process_time() - t0 < seconds:
+            for b in bodies: f(b, mode, n)
+            count += len(bodies)
+        best = min(best, (time.process_time() - t0) / count * 1000)
+    return best
 
 
 def main(argv=None):
@@ -138,13 +141,14 @@ def main(argv=None):
     p.add_argument('--formats', nargs='+', default=list(FORMATS))
     p.add_argument('--modes', nargs='+', default=list(MODES))
     p.add_argument('--target', type=int, default=384)
-    p.add_argument('--seconds', type=float, default=0.3, help='CPU seconds per cell, at least')
+    p.add_argument('--baseline', default='main', help='git ref of the `main` column (default: %(default)s)')
+    p.add_argument('--seconds', type=float, default=0.1, help='CPU seconds per round of a cell (5 rounds, the least counts)')
     a = p.parse_args(argv)
-    paths = {'main': main_check_image(), 'pillow': pillow, 'vips': make_vips(), 'cv2': make_cv2(), 'simplejpeg': make_simplejpeg()}
+    paths = {'main': main_check_image(a.baseline), 'pillow': pillow, 'vips': make_vips(), 'cv2': make_cv2(), 'simplejpeg': make_simplejpeg()}
     paths = {k: v for k, v in paths.items() if v is not None}
     cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor())
     print(f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, '
-          f'Pillow {Image.__version__}; one thread; resize to {a.target}, JPEG q95; CPU ms per image\n')
+          f'Pillow {Image.__version__}; one thread; resize to {a.target}, JPEG q95; CPU ms per image, least of 5 rounds\n')
     for mode in a.modes:
         print(f'**{mode}**\n\n| format | size | ' + ' | '.join(paths) + ' |\n|---|---|' + '---|' * len(paths))
         for fmt in a.formats:

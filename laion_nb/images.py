@@ -284,7 +284,8 @@ def _draft(im:Image.Image, k:int) -> int:
     return 1 if res is None else round(w / res[1][2])
 
 # %% ../nbs/02_images.ipynb #2754c5f2
-_GAP = 2.0  # Pillow's reducing_gap: reduce() by whole factors while the last (Lanczos) step still shrinks by at least this
+_FILTER = Image.BICUBIC  # the last step's filter: what CLIP's preprocessing uses; as close to Lanczos as makes no difference, 30 % cheaper
+_GAP = 2.0  # Pillow's reducing_gap: reduce() by whole factors while the last step still shrinks by at least this
 
 def _fit(im:Image.Image, full:tuple[int, int], scale:int, rules:ImageRules) -> Image.Image:
     "`im`, decoded at 1/`scale` of `full` (w, h), cut and scaled as `rules` plan it (a new image, or `im` itself)."
@@ -292,7 +293,7 @@ def _fit(im:Image.Image, full:tuple[int, int], scale:int, rules:ImageRules) -> I
     if size == full and box is None: return im
     if box is not None and scale == 1 and (box[2] - box[0], box[3] - box[1]) == size: return im.crop(box)
     box = tuple(v / scale for v in (box or (0, 0, *full)))
-    return im.resize(size, Image.LANCZOS, box=box, reducing_gap=_GAP)
+    return im.resize(size, _FILTER, box=box, reducing_gap=_GAP)
 
 def _reencode(im:Image.Image, rules:ImageRules, full:tuple[int, int], scale:int) -> tuple[bytes, tuple[int, int], int]:
     "JPEG bytes, size and EXIF orientation of the decoded `im` (1/`scale` of `full`), made 8-bit, resized and upright; closes what it makes."

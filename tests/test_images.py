@@ -310,3 +310,175 @@ def test_odd_images_through_the_demo_server(tmp_path):
     assert (got['turned'].width, got['turned'].height) == (200, 300)
     saved = Image.open(tmp_path/got['png16'].path)
     assert abs(np.asarray(saved, dtype=float).mean() - 127) < 2
+
+
+# ---- 7. resize: the modes, the sizes they promise, least work ------------------------------------
+
+import functools
+from fractions import Fraction
+
+from PIL import ImageOps
+
+
+def promised(w, h, n, mode):
+    "The size `mode` promises for a `w` x `h` picture (as displayed), computed apart from laion_nb: exact fractions, halves up."
+    near = lambda x: max(1, int(Fraction(x) + Fraction(1, 2)))  # floor(x + 1/2): the nearest integer, halves up
+    if mode == 'center_crop': return (min(w, h, n),) * 2
+    side = max(w, h) if mode == 'longest' else min(w, h)
+    if side <= n: return w, h
+    return near(Fraction(w * n, side)), near(Fraction(h * n, side))
+
+
+@functools.lru_cache(maxsize=256)  # each picture is made once for the three modes
+def body(fmt, w, h, seed=1):
+    im = photo(w, h, seed)
+    if fmt == 'JPEG progressive': return enc(im, 'JPEG', quality=85, progressive=True)
+    if fmt == 'JPEG grey': return enc(im.convert('L'), 'JPEG', quality=85)
+    if fmt == 'JPEG CMYK': return enc(im.convert('CMYK'), 'JPEG', quality=85)
+    if fmt == 'GIF': return enc(im.quantize(256), 'GIF')
+    if fmt == 'PNG RGBA': return enc(im.convert('RGBA'), 'PNG')
+    return enc(im, fmt, **({'quality': 85} if fmt in ('JPEG', 'WEBP') else {}))
+
+
+SIZES = [(1200, 800), (1001, 333), (333, 1001), (768, 1001), (777, 1201), (1600, 1200), (640, 480), (500, 300), (300, 200), (385, 385)]  # 768x1001 and 777x1201: off by one on the old path (thumbnail() after a draft)
+
+
+@pytest.mark.parametrize('mode', ['longest', 'shortest', 'center_crop'])
+@pytest.mark.parametrize('fmt', ['JPEG', 'JPEG progressive', 'JPEG grey', 'JPEG CMYK', 'PNG', 'PNG RGBA', 'WEBP', 'GIF'])
+def test_resize_gives_the_promised_size(fmt, mode):
+    "Every format, every mode, odd sizes: a JPEG that decodes in full, exactly the promised size, never enlarged."
+    n = 384
+    for w, h in SIZES:
+        data = body(fmt, w, h)
+        c = check_image(data, ImageRules(resize=n, resize_mode=mode))
+        want = promised(w, h, n, mode)
+        im = decoded(c)
+        assert im.format == 'JPEG' and im.mode in ('RGB', 'L'), (fmt, w, h)
+        assert (c.width, c.height) == im.size == want, (fmt, mode, (w, h), im.size, want)
+        assert (c.original_width, c.original_height) == (w, h)
+        assert max(want) <= max(w, h) and min(want) <= min(w, h)  # never enlarged
+        if mode == 'center_crop': assert want[0] == want[1] == min(w, h, n)
+        if mode == 'shortest' and min(w, h) > n: assert min(im.size) == n
+        if mode == 'longest' and max(w, h) > n: assert max(im.size) == n
+
+
+def test_rounding_is_nearest_halves_up_not_pillows():
+    "The size is computed from the size as it came, halves up; Pillow's thumbnail rounds to the aspect's nearest and can differ."
+    rules = ImageRules(resize=100, min_size=1)
+    differs = []
+    for w in range(101, 700):
+        for h in (64, 99, 150, 201, 333):
+            assert rules.plan(w, h)[0] == promised(w, h, 100, 'longest'), (w, h)
+            t = Image.new('L', (w, h)); t.thumbnail((100, 100))
+            if t.size != rules.plan(w, h)[0]: differs.append(((w, h), t.size, rules.plan(w, h)[0]))
+    assert rules.plan(200, 100)[0] == (100, 50) and ImageRules(resize=64, min_size=1).plan(128, 65)[0] == (64, 33)  # 32.5 -> 33
+    assert differs, 'Pillow rounds like us after all: the notebook says otherwise'
+    print(len(differs), 'sizes where thumbnail() differs, e.g.', differs[:3])
+
+
+def displayed_and_stored(orientation, w=400, h=600):
+    "A picture as displayed (w x h, red top-left quarter, blue bottom-right) and the sideways JPEG that shows it with `orientation`."
+    shown = Image.new('RGB', (w, h), (235, 235, 235))
+    shown.paste((220, 20, 20), (0, 0, w // 2, h // 2)); shown.paste((20, 20, 220), (w // 2, h // 2, w, h))
+    undo = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}[orientation]
+    ex = Image.Exif(); ex[0x0112] = orientation
+    data = enc(shown.transpose(undo), quality=92, exif=ex)
+    assert ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size == (w, h)  # viewers show `shown`
+    return shown, data
+
+
+@pytest.mark.parametrize('orientation', [6, 8, 3])
+@pytest.mark.parametrize('mode', ['longest', 'shortest', 'center_crop'])
+def test_resized_pictures_are_upright(orientation, mode):
+    "The target applies to the picture as displayed, and the saved pixels are upright: red stays top left, blue bottom right."
+    shown, data = displayed_and_stored(orientation)
+    n = 240
+    c = check_image(data, ImageRules(resize=n, resize_mode=mode))
+    im = decoded(c).convert('RGB')
+    assert (c.width, c.height) == im.size == promised(400, 600, n, mode) and not im.getexif().get(0x0112)
+    W, H = im.size
+    tl, br = im.getpixel((W // 8, H // 8 if mode != 'center_crop' else H // 3)), im.getpixel((W - 1 - W // 8, H - 1 - (H // 8 if mode != 'center_crop' else H // 3)))
+    assert tl[0] > 150 > tl[2] and br[2] > 150 > br[0], (orientation, mode, tl, br)
+
+
+@pytest.mark.parametrize('mode,w,h', [('longest', 300, 200), ('longest', 384, 100), ('shortest', 1000, 300), ('shortest', 384, 384),
+                                      ('center_crop', 300, 300), ('center_crop', 384, 384)])
+def test_jpeg_within_the_target_is_kept_byte_for_byte(mode, w, h):
+    "A JPEG (RGB or grey) the mode would leave as it is: its bytes, as they came; a CMYK one is converted."
+    for data in (body('JPEG', w, h), body('JPEG grey', w, h)):
+        c = check_image(data, ImageRules(resize=384, resize_mode=mode))
+        assert (c.data, c.converted, c.width, c.height) == (data, False, w, h), (mode, w, h)
+    assert check_image(body('JPEG CMYK', w, h), ImageRules(resize=384, resize_mode=mode)).converted
+    c = check_image(oriented(), ImageRules(resize=384, resize_mode='longest'))  # sideways, within the target: kept, sizes as displayed
+    assert (c.converted, c.width, c.height) == (False, 200, 300)
+
+
+def test_center_crop_of_a_small_picture_is_its_centre_square_not_enlarged():
+    "A 300x200 picture at 384: its middle 200x200 (blue and green margins cut off), at its own size."
+    im = Image.new('RGB', (300, 200), (220, 20, 20)); im.paste((20, 20, 220), (0, 0, 50, 200)); im.paste((20, 200, 20), (250, 0, 300, 200))
+    for data in (enc(im, quality=95), enc(im, 'PNG')):
+        c = check_image(data, ImageRules(resize=384, resize_mode='center_crop'))
+        out = np.asarray(decoded(c).convert('RGB'), dtype=int)
+        assert (c.width, c.height, c.converted) == (200, 200, True) and out.shape == (200, 200, 3)
+        assert (out[:, 3:-3, 0] > 150).all() and (out[:, 3:-3, 2] < 90).all()  # all red: the margins were cut, evenly
+    c = check_image(enc(im.resize((900, 600)), quality=95), ImageRules(resize=100, resize_mode='center_crop'))
+    out = np.asarray(decoded(c).convert('RGB'), dtype=int)
+    assert out.shape == (100, 100, 3) and (out[:, 3:-3, 0] > 150).all()
+
+
+def test_resize_decodes_no_more_than_the_target_needs():
+    "The DCT scale is the least one at or above the target: for the longest and shortest modes on the whole picture, for center_crop on its short side."
+    assert images._dct_scale((2048, 1536), (384, 288)) == 4 and images._dct_scale((640, 480), (384, 288)) == 1
+    assert images._dct_scale((1536, 1536), (384, 384)) == 4 and images._dct_scale((4000, 1000), (1536, 384)) == 2
+    assert images._dct_scale((3200, 2400), (384, 288)) == 8 and images._dct_scale((1200, 1200), (384, 384)) == 2
+    data = body('JPEG', 3200, 800)  # a panorama: the short side decides for shortest and center_crop
+    for mode, size in [('longest', (400, 100)), ('shortest', (1600, 400)), ('center_crop', (1600, 400))]:
+        im = images._open('JPEG', data)
+        (tw, th), box = ImageRules(resize=384, resize_mode=mode).plan(3200, 800)
+        region = (3200, 800) if box is None else (box[2] - box[0], box[3] - box[1])
+        k = images._draft(im, images._dct_scale(region, (tw, th)))
+        im.load()
+        assert im.size == size and k == 3200 // size[0], (mode, im.size)
+        assert decoded(check_image(data, ImageRules(resize=384, resize_mode=mode))).size == (tw, th)
+
+
+@pytest.mark.parametrize('mode', ['longest', 'shortest', 'center_crop'])
+def test_damaged_pictures_are_still_corrupt_when_resized(mode):
+    rules = ImageRules(resize=128, resize_mode=mode)
+    for fmt in ('JPEG', 'JPEG progressive', 'PNG', 'WEBP'):
+        good = body(fmt, 1200, 800)
+        assert error_type(good[:len(good) // 2], rules) == 'corrupt', fmt
+    assert error_type(lie(enc(photo(300, 200)), 3000, 2000), rules) == 'corrupt'
+
+
+def test_cli_resize_mode_through_the_demo_server(tmp_path):
+    "`--resize 100 --resize-mode center_crop`: every saved file is 100x100 (or its own short side), and the record keeps the original size."
+    import pandas as pd
+    from laion_nb import demo, records
+    from laion_nb.download import main
+    with demo.ImageServer() as srv:
+        urls = [srv.url(f'img/{i}.{ext}') for i, ext in enumerate(['jpg', 'png', 'webp', 'gif', 'jpg', 'jpg'])]
+        pd.DataFrame({'url': urls, 'caption': ['x'] * len(urls)}).to_parquet(tmp_path/'d.parquet')
+        assert main(['--metadata', str(tmp_path/'d.parquet'), '--output-dir', str(tmp_path/'out'), '--resize', '100',
+                     '--resize-mode', 'center_crop', '--allow-private-networks', '--quiet', '--timeout', '2', '--processes', '1']) in (0, None)
+    saved = records.read_saved(tmp_path/'out')
+    assert len(saved) == len(urls)
+    for r in saved.to_dict('records'):
+        im = Image.open(tmp_path/'out'/r['path']); im.load()
+        side = min(r['original_width'], r['original_height'], 100)
+        assert im.format == 'JPEG' and im.size == (r['width'], r['height']) == (side, side), r
+    line = json.loads((tmp_path/'out'/records.SAVED_FILE).read_text().splitlines()[0])
+    assert {'original_width', 'original_height', 'width', 'height'} <= set(line)
+
+
+@pytest.mark.parametrize('mode', ['longest', 'shortest', 'center_crop'])
+def test_resized_pixels_stay_faithful(mode):
+    "Resized too, a 16-bit PNG keeps its brightness and half-transparent red comes out pink on white."
+    rules = ImageRules(resize=100, resize_mode=mode)
+    g16 = enc(Image.fromarray(np.full((300, 500), 127 * 257, np.uint16)), 'PNG')
+    c = check_image(g16, rules)
+    assert c.converted and abs(np.asarray(decoded(c), dtype=float).mean() - 127) < 2
+    c = check_image(enc(Image.new('RGBA', (500, 300), (255, 0, 0, 128)), 'PNG'), rules)
+    px = decoded(c).convert('RGB').getpixel((c.width // 2, c.height // 2))
+    assert all(abs(a - b) <= 3 for a, b in zip(px, (255, 127, 127))), px
+    assert (c.width, c.height) == promised(500, 300, 100, mode)
