@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['ERROR_TYPES', 'TRANSIENT_TYPES', 'is_transient', 'SampleError']
+__all__ = ['ERROR_TYPES', 'TRANSIENT_TYPES', 'is_transient', 'SampleError', 'LaionNbError']
 
 # %% ../nbs/00b_errors.ipynb #349de592
 ERROR_TYPES = (
@@ -44,3 +44,7 @@ class SampleError(Exception):
     @property
     def transient(self) -> bool: return is_transient(self.error_type, self.status)
     def __repr__(self): return f'SampleError({self.error_type!r}, {self.message!r}, status={self.status}, attempts={self.attempts})'
+
+# %% ../nbs/00b_errors.ipynb #8441bc90
+class LaionNbError(Exception):
+    "A run, not a row, cannot go on: bad input, a busy output dir, a missing extra. Its message says what to do."
