@@ -47,10 +47,9 @@ def write_atomic(path:str|Path,               # where the file appears
     with atomic_open(path, 'wb', tmp_dir, fsync) as f: f.write(data.encode('utf-8') if isinstance(data, str) else data)
     return Path(path)
 
-# %% ../nbs/00c_io.ipynb #56ee2577
+# %% ../nbs/00c_io.ipynb #d6d90fd8
 # JSON leaves these raw inside strings, but `str.splitlines()` (and so many a JSONL reader) breaks lines at them
 _LINE_BREAKS = str.maketrans({'\u2028': '\\u2028', '\u2029': '\\u2029', '\x85': '\\u0085'})
-_FAST = {str: encode_basestring, int: int.__repr__}  # the value types written without json.dumps
 
 def _plain(o):
     "A value `json.dumps` cannot write, as one it can: numpy integers and arrays, for example."
@@ -60,8 +59,13 @@ def _plain(o):
 
 def jsonl_line(row:dict) -> str:
     "`row` as one JSONL line with its newline: as `json.dumps(row, ensure_ascii=False)` writes it, U+2028, U+2029, U+0085 escaped."
-    try: line = '{' + ', '.join([f'{encode_basestring(k)}: {_FAST[type(v)](v)}' for k, v in row.items()]) + '}'
-    except (KeyError, TypeError): line = json.dumps(row, ensure_ascii=False, default=_plain)  # not all str keys, str or int values
+    parts = []
+    for k, v in row.items():
+        t = type(v)  # exactly str or int: a bool is an int that json writes as true
+        if t is str and type(k) is str: parts.append(f'{encode_basestring(k)}: {encode_basestring(v)}')
+        elif t is int and type(k) is str: parts.append(f'{encode_basestring(k)}: {v!r}')
+        else: parts = None; break
+    line = '{' + ', '.join(parts) + '}' if parts is not None else json.dumps(row, ensure_ascii=False, default=_plain)
     if '\u2028' in line or '\u2029' in line or '\x85' in line: line = line.translate(_LINE_BREAKS)
     return line + '\n'
 

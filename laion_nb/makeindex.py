@@ -179,7 +179,7 @@ def _url_refusal(url:str,                   # an image URL
     if ip is None or public_address(ip): return None
     return 'blocked_address', f'{host} is not a public address' + (f' (it is {ip})' if ip != host else '')
 
-# %% ../nbs/04_makeindex.ipynb #7346373e
+# %% ../nbs/04_makeindex.ipynb #52cb0e7e
 class _UrlGuard:
     "`_url_refusal` for many URLs, judged once per (http or https?, host)."
     def __init__(self, allow_private:bool=False, max_cached:int=200_000):
@@ -188,7 +188,8 @@ class _UrlGuard:
     def __len__(self): return len(self._seen)  # verdicts remembered
 
     def __call__(self, url:str) -> tuple[str, str]|None:
-        key = url.lstrip()[:6].lower().startswith(('http:', 'https:')), host(url)  # all the verdict depends on
+        web = url.startswith(('https://', 'http://')) or url.lstrip()[:6].lower().startswith(('http:', 'https:'))
+        key = web, host(url)  # all the verdict depends on
         try: return self._seen[key]
         except KeyError: pass
         if len(self._seen) >= self.max_cached: self._seen.clear()
