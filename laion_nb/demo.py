@@ -472,7 +472,7 @@ def make_demo_esc50(folder:str|Path,   # the ESC-50 folder to write (created)
 def run_demo(data_root:str|Path|None=None, quiet:bool=False) -> dict:
     "Build the demo under `data_root` (a temp dir by default), download it, index it; returns the reports."
     from laion_nb.download import DownloadConfig, download
-    from laion_nb.makeindex import IndexConfig, makeindex
+    from laion_nb.makeindex import IndexConfig, LaionIndex, makeindex
     data_root = Path(data_root or tempfile.mkdtemp(prefix='laion_nb_demo_'))/'data_formal_alin'
     say = (lambda *a: None) if quiet else print
     with ImageServer() as server:
@@ -482,7 +482,7 @@ def run_demo(data_root:str|Path|None=None, quiet:bool=False) -> dict:
         cfg = DownloadConfig(metadata=dump, output_dir=dump, timeout=2.0, retries=2, allow_private_networks=True)
         rep = download(cfg, progress='auto' if not quiet else None)
     say(rep)
-    idx = makeindex(IndexConfig(data_root, laion=True, esc50=True, allow_private_networks=True))  # its URLs are on 127.0.0.1
+    idx = makeindex(IndexConfig(data_root=data_root, laion=LaionIndex(allow_private_networks=True)))  # its URLs are on 127.0.0.1
     say(idx)
     say(f'\nimages:        {dump/"images"}\nimage_paths:   {dump/"image_paths.jsonl"}\n'
         f'errors:        {dump/"download_errors.json"}\ntraining JSONL: {", ".join(str(p) for p in sorted(data_root.glob("*.jsonl")))}')

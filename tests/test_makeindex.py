@@ -1,9 +1,11 @@
 "makeindex on real files: parquet dumps, real JPEGs recorded with records.RecordLog, the demo's ESC-50 mini set with real WAVs."
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,12 @@ from PIL import Image
 
 from laion_nb import demo
 from laion_nb.download import DownloadConfig, download
-from laion_nb.makeindex import (ESC50_COLUMNS, IndexConfig, MakeIndexError, UrlGuard, find_local_images, index_esc50, index_laion,
-                                jsonl_line, load_index, main, makeindex, url_refusal, val_mask, wav_problem)
+from laion_nb.errors import LaionNbError
+from laion_nb.io import jsonl_line
+from laion_nb.makeindex import Esc50Index, IndexConfig, LaionIndex, MakeIndexError, load_index, main, makeindex
+from laion_nb.makeindex import (_ESC50_COLUMNS as ESC50_COLUMNS, _UrlGuard as UrlGuard, _find_local_images as find_local_images,
+                                _index_esc50 as index_esc50, _index_laion as index_laion, _url_refusal as url_refusal,
+                                _val_mask as val_mask, _wav_problem as wav_problem)
 from laion_nb.records import FAILED_LOG, SAVED_FILE, BadRecordError, Failed, RecordLog, Saved, read_failed
 
 MAKEINDEX = Path(sys.executable).parent/'makeindex'
@@ -73,8 +79,8 @@ def objs(path):
     return [json.loads(line) for line in lines(path)]
 
 
-def laion_cfg(root, **kw):
-    return IndexConfig(root, esc50=False, **kw)
+def laion_cfg(root, max_samples=None, **kw):
+    return IndexConfig(data_root=root, esc50=None, laion=LaionIndex(**kw), max_samples=max_samples)
 
 
 # ---------------------------------------------------------------- LAION
@@ -220,7 +226,7 @@ def test_download_dir_apart_from_the_dump(tmp_path):
     write_dump(tmp_path/'dump', 10, shards=1, meta='metadata')
     save_images(tmp_path/'laion_images', [1, 3])
     root.mkdir()
-    rep = index_laion(laion_cfg(root, laion_dir=tmp_path/'dump', download_dir=tmp_path/'laion_images', only_local=True))
+    rep = index_laion(laion_cfg(root, dir=tmp_path/'dump', download_dir=tmp_path/'laion_images', only_local=True))
     assert [o['image'] for o in objs(root/'laion_train.jsonl')] == [str(tmp_path/'laion_images'/'images'/f'{i}.jpg') for i in (1, 3)]
     assert rep.local == 2
 
@@ -228,7 +234,7 @@ def test_download_dir_apart_from_the_dump(tmp_path):
 def test_laion_dir_as_one_parquet_file_finds_the_downloads_in_its_root(root):
     # the guide's download default is --metadata .../metadate/metadata_000.parquet
     shard = root/'laion-1m-vit-h-14'/'metadate'/'metadata_000.parquet'
-    rep = index_laion(laion_cfg(root, laion_dir=shard, with_index=True))
+    rep = index_laion(laion_cfg(root, dir=shard, with_index=True))
     assert [o['index'] for o in objs(root/'laion_train.jsonl')] == list(range(10))
     assert rep.local == 5 and objs(root/'laion_train.jsonl')[8]['image'].endswith('/images/8.jpg')
 
@@ -251,6 +257,7 @@ def test_find_local_images_lists_each_folder_once(root):
 
 
 def test_laion_errors(tmp_path):
+    assert issubclass(MakeIndexError, LaionNbError) and issubclass(MakeIndexError, ValueError)
     with pytest.raises(MakeIndexError, match='data root does not exist'):
         index_laion(laion_cfg(tmp_path/'nope'))
     with pytest.raises(MakeIndexError, match='no LAION dump here'):
@@ -267,8 +274,8 @@ def esc(tmp_path):
     return root
 
 
-def esc_cfg(root, **kw):
-    return IndexConfig(root, laion=False, **kw)
+def esc_cfg(root, max_samples=None, **kw):
+    return IndexConfig(data_root=root, laion=None, esc50=Esc50Index(**kw), max_samples=max_samples)
 
 
 def csv_rows(root):
@@ -291,7 +298,7 @@ def test_esc50_folds_text_and_paths(esc):
 
 def test_esc50_val_fold_esc10_template(esc):
     meta = csv_rows(esc)
-    index_esc50(esc_cfg(esc, esc50_val_fold=2))
+    index_esc50(esc_cfg(esc, val_fold=2))
     assert len(objs(esc/'esc50_val.jsonl')) == (meta['fold'] == 2).sum()
     rep = index_esc50(esc_cfg(esc, esc10=True, text_template='{category} (ESC-10)'))
     esc10 = meta[meta['esc10']]
@@ -323,8 +330,8 @@ def test_esc50_master_folder_and_esc50_dir(esc, tmp_path):
     other = tmp_path/'elsewhere'
     other.mkdir()
     (esc/'ESC-50-master').rename(other/'ESC-50-master')
-    assert index_esc50(esc_cfg(esc, esc50_dir=other)).folder == (other/'ESC-50-master').resolve()  # the unzipped folder inside
-    assert index_esc50(esc_cfg(esc, esc50_dir=other/'ESC-50-master')).train_lines > 0
+    assert index_esc50(esc_cfg(esc, dir=other)).folder == (other/'ESC-50-master').resolve()  # the unzipped folder inside
+    assert index_esc50(esc_cfg(esc, dir=other/'ESC-50-master')).train_lines > 0
 
 
 def test_esc50_max_samples_and_byte_identical_rerun(esc):
@@ -375,6 +382,33 @@ def test_cli_help_explains_every_flag():
         assert flag in text, flag
 
 
+FLAGS = {  # each config field: the flag the guide and the README name it by
+    ('IndexConfig', 'data_root'): '--data-root', ('IndexConfig', 'max_samples'): '--max-samples',
+    ('LaionIndex', 'dir'): '--laion-dir', ('LaionIndex', 'download_dir'): '--download-dir', ('LaionIndex', 'only_local'): '--only-local',
+    ('LaionIndex', 'with_index'): '--with-index', ('LaionIndex', 'val_ratio'): '--val-ratio', ('LaionIndex', 'keep_failed'): '--keep-failed',
+    ('LaionIndex', 'allow_private_networks'): '--allow-private-networks', ('LaionIndex', 'skip_bad_lines'): '--skip-bad-lines',
+    ('Esc50Index', 'dir'): '--esc50-dir', ('Esc50Index', 'val_fold'): '--esc50-val-fold', ('Esc50Index', 'esc10'): '--esc10',
+    ('Esc50Index', 'text_template'): '--text-template',
+}
+
+
+def test_cli_help_shows_each_dataclass_default():
+    "One place for each default: the help of the real command states the dataclass's default of every field with a value."
+    entries, flag = {}, None
+    for line in run('--help').stdout.splitlines():
+        m = re.match(r'  (--[a-z0-9-]+)', line)
+        if m: flag = m.group(1); entries[flag] = line
+        elif flag and line.startswith('   '): entries[flag] += line
+        else: flag = None
+    entries = {k: ' '.join(v.split()) for k, v in entries.items()}
+    for cls in (IndexConfig, LaionIndex, Esc50Index):
+        for f in fields(cls):
+            if f.name in ('laion', 'esc50'): continue
+            help = entries[FLAGS[cls.__name__, f.name]]  # every field has its flag
+            if f.default is not None and not isinstance(f.default, bool): assert f'(default: {f.default})' in help, help
+    assert len(entries) == len(FLAGS) + 2  # and --laion, --esc50
+
+
 @pytest.mark.parametrize('flags,written', [
     ([], {'laion_train.jsonl', 'esc50_train.jsonl', 'esc50_val.jsonl'}),
     (['--laion', '--no-esc50'], {'laion_train.jsonl'}),
@@ -399,9 +433,9 @@ def test_cli_end_to_end_prints_report(both):
 
 def test_makeindex_checks_esc50_before_laion_writes(root):
     with pytest.raises(MakeIndexError, match='ESC-50 csv not found'):
-        makeindex(IndexConfig(root))
+        makeindex(IndexConfig(data_root=root))
     assert not (root/'laion_train.jsonl').exists()
-    rep = makeindex(IndexConfig(root, esc50=False))
+    rep = makeindex(IndexConfig(data_root=root, esc50=None))
     assert rep.esc50 is None and rep.laion.train_lines == 30 and repr(rep).startswith('LAION')
 
 
@@ -499,7 +533,7 @@ def test_url_guard_answers_as_url_refusal_for_every_url():
     guard = UrlGuard()
     for u in urls + urls:
         assert kind(guard(u)) == kind(url_refusal(u)), u
-    assert len(guard._seen) < len(urls)
+    assert len(guard) < len(urls)
 
 
 def serve(server, routes):
@@ -575,7 +609,7 @@ def test_line_separators_in_captions_stay_on_one_line(tmp_path):
     assert len(text.splitlines()) == rep.train_lines == 8
     assert [json.loads(l)['text'] for l in text.splitlines()] == [odd.get(i, caption(i)) for i in range(8)]
     assert '\u2028' not in text and '\u2029' not in text and '\x85' not in text
-    line = jsonl_line(text=odd[3], audio='/a/\u2028.wav')
+    line = jsonl_line({'text': odd[3], 'audio': '/a/\u2028.wav'})
     assert len(line.splitlines()) == 1 and json.loads(line) == {'text': odd[3], 'audio': '/a/\u2028.wav'}
 
 
@@ -626,7 +660,7 @@ def test_load_index_reads_esc50_and_url_only_files(esc, tmp_path):
     index_esc50(esc_cfg(esc))
     ds = load_index(esc/'esc50_val.jsonl', cache_dir=str(tmp_path/'hf'))
     assert ds.column_names == ['text', 'audio'] and ds.num_rows == len(objs(esc/'esc50_val.jsonl'))
-    (esc/'urls.jsonl').write_text(jsonl_line(text='a', image_url='https://e.com/a.jpg'), encoding='utf-8')
+    (esc/'urls.jsonl').write_text(jsonl_line({'text': 'a', 'image_url': 'https://e.com/a.jpg'}), encoding='utf-8')
     ds = load_index(esc/'urls.jsonl', cache_dir=str(tmp_path/'hf'))
     assert ds.column_names == ['text', 'image', 'image_url'] and ds[0]['image'] is None
 
