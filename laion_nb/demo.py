@@ -271,12 +271,18 @@ def r_garbage(self:_Handler, i, ext, n): self._send(200, random.Random(i).randby
 def r_redirect(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/img/{i}.jpg')])
 @patch
 def r_loop(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/loop/{i}')])
+
+# %% ../nbs/06_demo.ipynb #686d1b37
 @patch
 def r_noai(self:_Handler, i, ext, n): self._send(200, demo_image(i), 'image/jpeg', [('X-Robots-Tag', 'noai')])
+
+# %% ../nbs/06_demo.ipynb #e97a9921
 @patch
 def r_flaky(self:_Handler, i, ext, n):
     if n <= 2: return self.r_status(503, ext, n)
     self._send(200, demo_image(i))
+
+# %% ../nbs/06_demo.ipynb #8f6752f7
 @patch
 def r_echo(self:_Handler, i, ext, n):
     self._send(200, json.dumps({'request': self.requestline, 'headers': dict(self.headers)}).encode(), 'application/json')
@@ -290,6 +296,8 @@ def r_drip(self:_Handler, i, ext, n):
     self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
     self.send_header('Content-Length', str(10**6)); self.end_headers()
     while not self.server.owner._closing.wait(0.2): self.wfile.write(b'\xff'); self.wfile.flush()
+
+# %% ../nbs/06_demo.ipynb #84dbf62b
 @patch
 def r_reset(self:_Handler, i, ext, n):
     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
@@ -379,6 +387,7 @@ def _sparse_png(side=10000) -> bytes:
     return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0))
             + chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
 
+# %% ../nbs/06_demo.ipynb #3f337d49
 _ODD_TYPES = {'deep': 'image/png', 'float': 'image/tiff', 'exif': 'image/jpeg', 'liar': 'image/jpeg',
               'trailing': 'image/jpeg', 'sparse': 'image/png'}
 for _kind, _ctype in _ODD_TYPES.items():
