@@ -18,9 +18,9 @@ from fastcore.basics import patch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['VARIANTS', 'ROUTES', 'HANGING', 'DEMO_FAILURES', 'DEMO_GOOD', 'BENCH_FAILURES', 'HOSTILE', 'ODD_IMAGES',
-           'CLIP_COLUMNS', 'ESC50_DEMO_CLASSES', 'demo_size', 'demo_image', 'odd_image', 'ImageServer', 'demo_urls',
-           'make_demo_dump', 'make_demo_esc50', 'run_demo', 'main']
+__all__ = ['VARIANTS', 'ROUTES', 'HANGING', 'DEMO_FAILURES', 'BENCH_FAILURES', 'HOSTILE', 'ODD_IMAGES', 'CLIP_COLUMNS',
+           'demo_size', 'demo_image', 'ImageServer', 'bomb_png', 'wide_png', 'demo_urls', 'make_demo_dump',
+           'make_demo_esc50', 'run_demo', 'main']
 
 # %% ../nbs/06_demo.ipynb #a92f8e69
 VARIANTS = 48  # distinct pictures; id k shows picture k % VARIANTS
@@ -93,7 +93,7 @@ ROUTES = {
 }
 HANGING = frozenset({'stall', 'drip', 'slowstatus', 'slowheader', 'slowchunk', 'emptygzip', 'emptydeflate'})  # end only at a deadline or a cap
 
-# %% ../nbs/06_demo.ipynb #d120265a
+# %% ../nbs/06_demo.ipynb #8b21800b
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     disable_nagle_algorithm = True  # else a keep-alive answer waits 40 ms for the client's delayed ACK
@@ -127,155 +127,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError): pass
 
     def r_missing(self, i, ext, n): self._send(404, b'no such route', 'text/plain')
-    def r_img(self, i, ext, n):
-        fmt = {'jpeg': 'jpg'}.get(ext, ext)
-        if fmt not in ('jpg', 'png', 'webp', 'gif'): return self.r_missing(i, ext, n)
-        self._send(200, demo_image(i, fmt, self.size), f"image/{ {'jpg': 'jpeg'}.get(fmt, fmt)}")
-    def r_rgba(self, i, ext, n): self._send(200, demo_image(i, 'rgba'), 'image/png')
-    def r_gzip(self, i, ext, n): self._send(200, gzip.compress(demo_image(i), mtime=0), 'image/jpeg', [('Content-Encoding', 'gzip')])
-    def r_status(self, code, ext, n):
-        self._send(code, f'HTTP {code}'.encode(), 'text/plain', [('Retry-After', '1')] if code in (429, 503) else [])
-    def r_html(self, i, ext, n): self._send(200, b'<!doctype html><html><body><p>Image removed</p></body></html>', 'text/html')
 
-# %% ../nbs/06_demo.ipynb #957f6d70
-def _bomb_png(w=60000, h=60000) -> bytes:
-    "A PNG whose header claims w x h pixels; the data is a few bytes."
-    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
-            + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
-
-@lru_cache(maxsize=1)
-def _wide_png() -> bytes:
-    buf = io.BytesIO(); Image.new('RGB', (10001, 80), (200, 120, 40)).save(buf, 'PNG'); return buf.getvalue()
-
-@patch
-def r_small(self:_Handler, i, ext, n): self._send(200, demo_image(i, 'jpg', (32, 32)))
-@patch
-def r_wide(self:_Handler, i, ext, n): self._send(200, _wide_png(), 'image/png')
-@patch
-def r_bomb(self:_Handler, i, ext, n): self._send(200, _bomb_png(), 'image/png')
-@patch
-def r_truncated(self:_Handler, i, ext, n): data = demo_image(i); self._send(200, data[:len(data) // 2])
-@patch
-def r_garbage(self:_Handler, i, ext, n): self._send(200, random.Random(i).randbytes(5000))
-
-# %% ../nbs/06_demo.ipynb #49788d70
-@patch
-def r_redirect(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/img/{i}.jpg')])
-@patch
-def r_loop(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/loop/{i}')])
-@patch
-def r_noai(self:_Handler, i, ext, n): self._send(200, demo_image(i), 'image/jpeg', [('X-Robots-Tag', 'noai')])
-@patch
-def r_flaky(self:_Handler, i, ext, n):
-    if n <= 2: return self.r_status(503, ext, n)
-    self._send(200, demo_image(i))
-@patch
-def r_echo(self:_Handler, i, ext, n):
-    self._send(200, json.dumps({'request': self.requestline, 'headers': dict(self.headers)}).encode(), 'application/json')
-
-# %% ../nbs/06_demo.ipynb #d2a58914
-@patch
-def r_stall(self:_Handler, i, ext, n): self.close_connection = True; self.server.owner._closing.wait(120)
-@patch
-def r_drip(self:_Handler, i, ext, n):
-    self.close_connection = True  # when the server stops, the connection ends too (not wait for a next request)
-    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
-    self.send_header('Content-Length', str(10**6)); self.end_headers()
-    while not self.server.owner._closing.wait(0.2): self.wfile.write(b'\xff'); self.wfile.flush()
-@patch
-def r_reset(self:_Handler, i, ext, n):
-    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
-    with self.server.owner._lock: self.server.resets.add(self.connection.fileno())
-    self.close_connection = True
-@patch
-def r_huge(self:_Handler, i, ext, n):
-    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
-    self.send_header('Content-Length', str(2**30)); self.end_headers()
-    self.wfile.write(demo_image(i))  # the client stops here: the length alone is too much
-@patch
-def r_endless(self:_Handler, i, ext, n):
-    self.connection.settimeout(1)  # a client that stops reading ends the route too
-    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
-    self.send_header('Connection', 'close'); self.end_headers()
-    self.close_connection = True
-    block = demo_image(i)
-    while not self.server.owner._closing.is_set(): self.wfile.write(block)
-
-# %% ../nbs/06_demo.ipynb #43eaf383
-@patch
-def _drip(self:_Handler, head:bytes, byte:bytes=b' ', every:float=0.2):
-    "Send `head`, then `byte` every `every` seconds until the server stops or the client hangs up."
-    self.close_connection = True
-    self.wfile.write(head); self.wfile.flush()
-    while not self.server.owner._closing.wait(every): self.wfile.write(byte); self.wfile.flush()
-
-@patch
-def r_slowstatus(self:_Handler, i, ext, n): self._drip(b'HTTP/1.1 200 OK')
-@patch
-def r_slowheader(self:_Handler, i, ext, n): self._drip(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Slow: ', b'a')
-@patch
-def r_slowchunk(self:_Handler, i, ext, n):
-    first = demo_image(i)[:1000]
-    self._drip(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n'
-               + f'{len(first):x}\r\n'.encode() + first + b'\r\n', b'0')  # '000...' never ends its line
-
-_EMPTY_BLOCKS = b'\x00\x00\x00\xff\xff' * 13107  # 64 KB of empty stored deflate blocks: they decode to nothing
-
-@patch
-def r_emptygzip(self:_Handler, i, ext, n):
-    self.close_connection = True; self.connection.settimeout(1)
-    self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n'
-                     + b'\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff')  # a gzip header, then blocks forever
-    while not self.server.owner._closing.is_set(): self.wfile.write(_EMPTY_BLOCKS)
-@patch
-def r_emptydeflate(self:_Handler, i, ext, n):
-    self.close_connection = True; self.connection.settimeout(1)
-    chunk = f'{len(_EMPTY_BLOCKS):x}\r\n'.encode() + _EMPTY_BLOCKS + b'\r\n'
-    self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Encoding: deflate\r\n'
-                     b'Transfer-Encoding: chunked\r\n\r\n2\r\n\x78\x9c\r\n')  # a zlib header, then blocks forever
-    while not self.server.owner._closing.is_set(): self.wfile.write(chunk)
-
-# %% ../nbs/06_demo.ipynb #ccd7b097
-def _save(im:Image.Image, fmt:str, **kw) -> bytes:
-    buf = io.BytesIO(); im.save(buf, fmt, **kw); return buf.getvalue()
-
-def odd_image(kind:str, i:int=0) -> bytes:
-    "The bytes the server sends for odd image route `kind` (deep, float, exif, liar, trailing, sparse) and id `i`."
-    return _odd(kind, 0 if kind == 'sparse' else i % VARIANTS)
-
-@lru_cache(maxsize=64)
-def _odd(kind, i):
-    gray = np.asarray(_pixels(i, 320, 240).convert('L'))
-    if kind == 'deep': return _save(Image.fromarray(gray.astype(np.uint16) * 257), 'PNG')        # 16-bit: 0..65535
-    if kind == 'float': return _save(Image.fromarray(gray.astype(np.float32) / 255, 'F'), 'TIFF')  # float: 0..1
-    if kind == 'exif':
-        exif = Image.Exif(); exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-        return _save(_pixels(i, 320, 200), 'JPEG', quality=85, exif=exif)
-    if kind == 'liar':
-        data = bytearray(demo_image(i, 'jpg', (200, 200)))
-        sof = data.index(b'\xff\xc0')                      # baseline SOF: marker, length, precision, height, width
-        data[sof + 5:sof + 9] = struct.pack('>HH', 9000, 9000)
-        return bytes(data)
-    if kind == 'trailing': return demo_image(i) + b'<!doctype html><html><body>ad</body></html>\n' * 20
-    if kind == 'sparse': return _sparse_png()
-    raise ValueError(f'unknown odd image {kind!r}')
-
-def _sparse_png(side=10000) -> bytes:
-    "A 1-bit PNG of side x side pixels, a white square on black: 12.5 MB of pixels in about 12 KB, written row by row."
-    blank, box = b'\0' * (side // 8 + 1), b'\0' + b'\0' * (side // 20) + b'\xff' * (side // 40) + b'\0' * (side // 8 - side // 20 - side // 40)
-    rows = blank * (2 * side // 5) + box * (side // 5) + blank * (2 * side // 5)
-    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0))
-            + chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
-
-_ODD_TYPES = {'deep': 'image/png', 'float': 'image/tiff', 'exif': 'image/jpeg', 'liar': 'image/jpeg',
-              'trailing': 'image/jpeg', 'sparse': 'image/png'}
-for _kind, _ctype in _ODD_TYPES.items():
-    def _route(self, i, ext, n, kind=_kind, ctype=_ctype): self._send(200, odd_image(kind, i), ctype)
-    setattr(_Handler, f'r_{_kind}', _route)
-
-# %% ../nbs/06_demo.ipynb #70da9c68
+# %% ../nbs/06_demo.ipynb #0d231745
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
@@ -294,6 +147,7 @@ class _Server(ThreadingHTTPServer):
         if reset: request.close()
         else: super().shutdown_request(request)
 
+# %% ../nbs/06_demo.ipynb #5311a0ca
 def _tarpit(listener:socket.socket, closing:threading.Event):
     "Accept connections on `listener` and answer each with the start of a TLS record, then a byte every 0.2 s."
     def drip(conn):
@@ -367,11 +221,184 @@ def slow_tls_url(self:ImageServer) -> str:
     return f'https://127.0.0.1:{self._slow.getsockname()[1]}/img/1.jpg'
 
 
+# %% ../nbs/06_demo.ipynb #33032392
+@patch
+def r_img(self:_Handler, i, ext, n):
+    fmt = {'jpeg': 'jpg'}.get(ext, ext)
+    if fmt not in ('jpg', 'png', 'webp', 'gif'): return self.r_missing(i, ext, n)
+    self._send(200, demo_image(i, fmt, self.size), f"image/{ {'jpg': 'jpeg'}.get(fmt, fmt)}")
+@patch
+def r_rgba(self:_Handler, i, ext, n): self._send(200, demo_image(i, 'rgba'), 'image/png')
+
+# %% ../nbs/06_demo.ipynb #215e0237
+@patch
+def r_gzip(self:_Handler, i, ext, n): self._send(200, gzip.compress(demo_image(i), mtime=0), 'image/jpeg', [('Content-Encoding', 'gzip')])
+
+# %% ../nbs/06_demo.ipynb #ad048075
+@patch
+def r_status(self:_Handler, code, ext, n):
+    self._send(code, f'HTTP {code}'.encode(), 'text/plain', [('Retry-After', '1')] if code in (429, 503) else [])
+@patch
+def r_html(self:_Handler, i, ext, n): self._send(200, b'<!doctype html><html><body><p>Image removed</p></body></html>', 'text/html')
+
+# %% ../nbs/06_demo.ipynb #bf2a60cf
+def bomb_png(w:int=60000, h:int=60000) -> bytes:
+    "A PNG whose header claims `w` x `h` pixels; the data is a few bytes."
+    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
+
+@lru_cache(maxsize=1)
+def wide_png() -> bytes:
+    "A real 10001x80 PNG: one pixel wider than the largest size the guide accepts."
+    buf = io.BytesIO(); Image.new('RGB', (10001, 80), (200, 120, 40)).save(buf, 'PNG'); return buf.getvalue()
+
+_bomb_png, _wide_png = bomb_png, wide_png  # the old names, until 02_images imports the public ones
+
+@patch
+def r_small(self:_Handler, i, ext, n): self._send(200, demo_image(i, 'jpg', (32, 32)))
+@patch
+def r_wide(self:_Handler, i, ext, n): self._send(200, wide_png(), 'image/png')
+@patch
+def r_bomb(self:_Handler, i, ext, n): self._send(200, bomb_png(), 'image/png')
+@patch
+def r_truncated(self:_Handler, i, ext, n): data = demo_image(i); self._send(200, data[:len(data) // 2])
+@patch
+def r_garbage(self:_Handler, i, ext, n): self._send(200, random.Random(i).randbytes(5000))
+
+# %% ../nbs/06_demo.ipynb #49788d70
+@patch
+def r_redirect(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/img/{i}.jpg')])
+@patch
+def r_loop(self:_Handler, i, ext, n): self._send(302, b'', 'text/plain', [('Location', f'/loop/{i}')])
+
+# %% ../nbs/06_demo.ipynb #686d1b37
+@patch
+def r_noai(self:_Handler, i, ext, n): self._send(200, demo_image(i), 'image/jpeg', [('X-Robots-Tag', 'noai')])
+
+# %% ../nbs/06_demo.ipynb #e97a9921
+@patch
+def r_flaky(self:_Handler, i, ext, n):
+    if n <= 2: return self.r_status(503, ext, n)
+    self._send(200, demo_image(i))
+
+# %% ../nbs/06_demo.ipynb #8f6752f7
+@patch
+def r_echo(self:_Handler, i, ext, n):
+    self._send(200, json.dumps({'request': self.requestline, 'headers': dict(self.headers)}).encode(), 'application/json')
+
+# %% ../nbs/06_demo.ipynb #d2a58914
+@patch
+def r_stall(self:_Handler, i, ext, n): self.close_connection = True; self.server.owner._closing.wait(120)
+@patch
+def r_drip(self:_Handler, i, ext, n):
+    self.close_connection = True  # when the server stops, the connection ends too (not wait for a next request)
+    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
+    self.send_header('Content-Length', str(10**6)); self.end_headers()
+    while not self.server.owner._closing.wait(0.2): self.wfile.write(b'\xff'); self.wfile.flush()
+
+# %% ../nbs/06_demo.ipynb #84dbf62b
+@patch
+def r_reset(self:_Handler, i, ext, n):
+    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    with self.server.owner._lock: self.server.resets.add(self.connection.fileno())
+    self.close_connection = True
+
+# %% ../nbs/06_demo.ipynb #0bbab860
+@patch
+def r_huge(self:_Handler, i, ext, n):
+    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
+    self.send_header('Content-Length', str(2**30)); self.end_headers()
+    self.wfile.write(demo_image(i))  # the client stops here: the length alone is too much
+@patch
+def r_endless(self:_Handler, i, ext, n):
+    self.connection.settimeout(1)  # a client that stops reading ends the route too
+    self.send_response(200); self.send_header('Content-Type', 'image/jpeg')
+    self.send_header('Connection', 'close'); self.end_headers()
+    self.close_connection = True
+    block = demo_image(i)
+    while not self.server.owner._closing.is_set(): self.wfile.write(block)
+
+# %% ../nbs/06_demo.ipynb #43eaf383
+@patch
+def _drip(self:_Handler, head:bytes, byte:bytes=b' ', every:float=0.2):
+    "Send `head`, then `byte` every `every` seconds until the server stops or the client hangs up."
+    self.close_connection = True
+    self.wfile.write(head); self.wfile.flush()
+    while not self.server.owner._closing.wait(every): self.wfile.write(byte); self.wfile.flush()
+
+@patch
+def r_slowstatus(self:_Handler, i, ext, n): self._drip(b'HTTP/1.1 200 OK')
+@patch
+def r_slowheader(self:_Handler, i, ext, n): self._drip(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Slow: ', b'a')
+@patch
+def r_slowchunk(self:_Handler, i, ext, n):
+    first = demo_image(i)[:1000]
+    self._drip(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n'
+               + f'{len(first):x}\r\n'.encode() + first + b'\r\n', b'0')  # '000...' never ends its line
+
+# %% ../nbs/06_demo.ipynb #388b1129
+_EMPTY_BLOCKS = b'\x00\x00\x00\xff\xff' * 13107  # 64 KB of empty stored deflate blocks: they decode to nothing
+
+@patch
+def r_emptygzip(self:_Handler, i, ext, n):
+    self.close_connection = True; self.connection.settimeout(1)
+    self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n'
+                     + b'\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff')  # a gzip header, then blocks forever
+    while not self.server.owner._closing.is_set(): self.wfile.write(_EMPTY_BLOCKS)
+@patch
+def r_emptydeflate(self:_Handler, i, ext, n):
+    self.close_connection = True; self.connection.settimeout(1)
+    chunk = f'{len(_EMPTY_BLOCKS):x}\r\n'.encode() + _EMPTY_BLOCKS + b'\r\n'
+    self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Encoding: deflate\r\n'
+                     b'Transfer-Encoding: chunked\r\n\r\n2\r\n\x78\x9c\r\n')  # a zlib header, then blocks forever
+    while not self.server.owner._closing.is_set(): self.wfile.write(chunk)
+
+# %% ../nbs/06_demo.ipynb #ccd7b097
+def _save(im:Image.Image, fmt:str, **kw) -> bytes:
+    buf = io.BytesIO(); im.save(buf, fmt, **kw); return buf.getvalue()
+
+def _odd_image(kind:str, i:int=0) -> bytes:
+    "The bytes the server sends for odd image route `kind` (deep, float, exif, liar, trailing, sparse) and id `i`."
+    return _odd(kind, 0 if kind == 'sparse' else i % VARIANTS)
+
+@lru_cache(maxsize=64)
+def _odd(kind, i):
+    gray = np.asarray(_pixels(i, 320, 240).convert('L'))
+    if kind == 'deep': return _save(Image.fromarray(gray.astype(np.uint16) * 257), 'PNG')        # 16-bit: 0..65535
+    if kind == 'float': return _save(Image.fromarray(gray.astype(np.float32) / 255, 'F'), 'TIFF')  # float: 0..1
+    if kind == 'exif':
+        exif = Image.Exif(); exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+        return _save(_pixels(i, 320, 200), 'JPEG', quality=85, exif=exif)
+    if kind == 'liar':
+        data = bytearray(demo_image(i, 'jpg', (200, 200)))
+        sof = data.index(b'\xff\xc0')                      # baseline SOF: marker, length, precision, height, width
+        data[sof + 5:sof + 9] = struct.pack('>HH', 9000, 9000)
+        return bytes(data)
+    if kind == 'trailing': return demo_image(i) + b'<!doctype html><html><body>ad</body></html>\n' * 20
+    if kind == 'sparse': return _sparse_png()
+    raise ValueError(f'unknown odd image {kind!r}')
+
+def _sparse_png(side=10000) -> bytes:
+    "A 1-bit PNG of side x side pixels, a white square on black: 12.5 MB of pixels in about 12 KB, written row by row."
+    blank, box = b'\0' * (side // 8 + 1), b'\0' + b'\0' * (side // 20) + b'\xff' * (side // 40) + b'\0' * (side // 8 - side // 20 - side // 40)
+    rows = blank * (2 * side // 5) + box * (side // 5) + blank * (2 * side // 5)
+    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
+
+# %% ../nbs/06_demo.ipynb #3f337d49
+_ODD_TYPES = {'deep': 'image/png', 'float': 'image/tiff', 'exif': 'image/jpeg', 'liar': 'image/jpeg',
+              'trailing': 'image/jpeg', 'sparse': 'image/png'}
+for _kind, _ctype in _ODD_TYPES.items():
+    def _route(self, i, ext, n, kind=_kind, ctype=_ctype): self._send(200, _odd_image(kind, i), ctype)
+    setattr(_Handler, f'r_{_kind}', _route)
+
 # %% ../nbs/06_demo.ipynb #c5d2da81
 DEMO_FAILURES = ['status/404', 'status/403', 'status/410', 'status/500', 'status/503', 'status/429', 'html/{i}',
                  'small/{i}.jpg', 'wide/{i}.png', 'bomb/{i}.png', 'truncated/{i}.jpg', 'garbage/{i}.jpg', 'loop/{i}',
                  'stall/{i}', 'drip/{i}', 'reset/{i}', 'huge/{i}.jpg', 'endless/{i}.jpg', 'noai/{i}.jpg']
-DEMO_GOOD = ['img/{i}.jpg', 'img/{i}.jpg', 'img/{i}.png', 'img/{i}.jpg', 'img/{i}.webp', 'img/{i}.gif',
+_GOOD = ['img/{i}.jpg', 'img/{i}.jpg', 'img/{i}.png', 'img/{i}.jpg', 'img/{i}.webp', 'img/{i}.gif',
              'rgba/{i}.png', 'redirect/{i}', 'flaky/{i}.jpg', 'img/{i}.jpg']
 BENCH_FAILURES = ['status/404', 'status/403', 'status/410', 'html/{i}', 'small/{i}.jpg', 'truncated/{i}.jpg',
                   'garbage/{i}.jpg', 'status/500', 'loop/{i}', 'reset/{i}']  # the quick failures: none of them hangs
@@ -396,7 +423,7 @@ def demo_urls(server:ImageServer, n:int|None=None, fail_share:float=0.1, seed:in
         urls = [server.url(r.format(i=i)) for i, r in enumerate(routes) if hanging or not _hangs(r)]
         urls += ['', 'ftp://127.0.0.1/a.jpg', 'http://no-such-host.invalid/a.jpg', server.refused_url]
         if hostile and hanging: urls.append(server.slow_tls_url)
-        urls += [server.url(DEMO_GOOD[k % len(DEMO_GOOD)].format(i=100 + k)) for k in range(26)]
+        urls += [server.url(_GOOD[k % len(_GOOD)].format(i=100 + k)) for k in range(26)]
         random.Random(seed).shuffle(urls)
         return urls
     failures = [r for r in failures if hanging or not _hangs(r)] or BENCH_FAILURES
@@ -444,7 +471,7 @@ def make_demo_dump(root:str|Path,                 # the dump's folder (created)
     return root
 
 # %% ../nbs/06_demo.ipynb #1610291a
-ESC50_DEMO_CLASSES = ((0, 'dog', True), (1, 'rooster', True), (3, 'cow', False), (4, 'frog', False), (38, 'clock_tick', True))
+_ESC50_CLASSES = ((0, 'dog', True), (1, 'rooster', True), (3, 'cow', False), (4, 'frog', False), (38, 'clock_tick', True))
 
 def _tone(path, freq, seconds=1.0, rate=44100):
     t = np.arange(int(rate * seconds)) / rate
@@ -459,7 +486,7 @@ def make_demo_esc50(folder:str|Path,   # the ESC-50 folder to write (created)
     (folder/'meta').mkdir(parents=True, exist_ok=True); (folder/'audio').mkdir(parents=True, exist_ok=True)
     rows = []
     for fold in range(1, 6):
-        for target, category, esc10 in ESC50_DEMO_CLASSES:
+        for target, category, esc10 in _ESC50_CLASSES:
             src = 100000 + 1000 * target + fold
             name = f'{fold}-{src}-A-{target}.wav'
             _tone(folder/'audio'/name, 220 * (1 + target % 7) + 10 * fold, seconds)
@@ -488,6 +515,7 @@ def run_demo(data_root:str|Path|None=None, quiet:bool=False) -> dict:
         f'errors:        {dump/"download_errors.json"}\ntraining JSONL: {", ".join(str(p) for p in sorted(data_root.glob("*.jsonl")))}')
     return {'download': rep, 'makeindex': idx, 'data_root': data_root}
 
+# %% ../nbs/06_demo.ipynb #2ebe90fd
 def main(argv:list[str]|None=None) -> int:
     "The `laion_nb_demo` command."
     p = argparse.ArgumentParser(prog='laion_nb_demo', description='Run laion_nb offline on demo data served from 127.0.0.1.')

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import html, io, math, threading, time
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import ipywidgets as W
@@ -18,11 +19,10 @@ from PIL import Image
 from . import records
 
 # %% auto #0
-__all__ = ['NO_STATUS', 'NO_HOST', 'ALL', 'SAVED_COLOR', 'ERROR_COLOR', 'make_thumb', 'Gallery', 'domains', 'count_shares',
-           'ErrorBreakdown', 'LiveProgress']
+__all__ = ['Gallery', 'ErrorBreakdown', 'LiveProgress']
 
 # %% ../nbs/05_widgets.ipynb #1a8c611c
-def make_thumb(path:str|Path,   # the image file
+def _make_thumb(path:str|Path,   # the image file
                size:int=128,    # longest side of the thumbnail, in pixels
                quality:int=70,  # JPEG quality of the thumbnail
               ) -> bytes:
@@ -35,7 +35,7 @@ def make_thumb(path:str|Path,   # the image file
         im.save(buf, 'JPEG', quality=quality, optimize=True)
     return buf.getvalue()
 
-# %% ../nbs/05_widgets.ipynb #4b75cb72
+# %% ../nbs/05_widgets.ipynb #acd4da24
 def _in_notebook() -> bool:
     "True inside a Jupyter kernel, where widgets can be shown."
     try: from IPython import get_ipython
@@ -50,7 +50,9 @@ def _cell_key():
     if shell is None: return None
     return (getattr(shell, 'parent_header', None) or {}).get('msg_id') or shell.execution_count
 
+# %% ../nbs/05_widgets.ipynb #89f8dad8
 def _short(text, n):
+    "`text` cut to `n` characters, with an ellipsis when it was longer."
     text = str(text)
     return text if len(text) <= n else text[:n - 1] + '…'
 
@@ -65,11 +67,12 @@ class _Panel:
         return {**(self.widget._repr_mimebundle_(**kwargs) or {}), 'text/plain': repr(self)}
 
 def _placeholder(size) -> bytes:
+    "The grey tile of a picture that cannot be shown."
     buf = io.BytesIO()
     Image.new('RGB', (size, size * 3 // 4), (215, 215, 215)).save(buf, 'JPEG', quality=60)
     return buf.getvalue()
 
-# %% ../nbs/05_widgets.ipynb #df9100aa
+# %% ../nbs/05_widgets.ipynb #f871f1a8
 class Gallery(_Panel):
     "A paged grid of thumbnails of the images saved in `out_dir`, with caption search and random samples."
     def __init__(self, out_dir:str|Path,  # output dir of a download
@@ -91,96 +94,110 @@ class Gallery(_Panel):
         self._build()
         self.show_page(0)
 
-    def _build(self):
-        s = self.thumb_size
-        self.prev_button = W.Button(description='◀ prev', layout=W.Layout(width='80px'))
-        self.next_button = W.Button(description='next ▶', layout=W.Layout(width='80px'))
-        self.page_label = W.HTML().add_class('laion-page-label')
-        self.search_box = W.Text(placeholder='search captions', continuous_update=True,
-                                 layout=W.Layout(width='220px')).add_class('laion-search')
-        self.random_button = W.Button(description='random sample', icon='random', layout=W.Layout(width='140px'))
-        self.prev_button.on_click(lambda _: self.prev_page())
-        self.next_button.on_click(lambda _: self.next_page())
-        self.random_button.on_click(lambda _: self.random_sample())
-        self.search_box.observe(self._typed, names='value')  # search as you type: below
-        self.grid = W.GridBox(layout=W.Layout(grid_template_columns=f'repeat(auto-fill, {s + 24}px)',
-                                              grid_gap='6px')).add_class('laion-gallery-grid')
-        self._tiles = []  # (box, image, info), created as pages need them, reused afterwards
-        bar = W.HBox([self.prev_button, self.page_label, self.next_button, self.search_box, self.random_button],
-                     layout=W.Layout(align_items='center', grid_gap='8px'))
-        self.widget = W.VBox([bar, self.grid]).add_class('laion-gallery')
+@patch(as_prop=True)
+def n_pages(self:Gallery) -> int: return max(1, -(-len(self.rows) // self.page_size))
+@patch(as_prop=True)
+def matches(self:Gallery) -> int: return len(self.rows)
 
-    @property
-    def n_pages(self) -> int: return max(1, -(-len(self.rows) // self.page_size))
-    @property
-    def matches(self) -> int: return len(self.rows)
+# %% ../nbs/05_widgets.ipynb #932e10ab
+@patch
+def _build(self:Gallery):
+    s = self.thumb_size
+    self.prev_button = W.Button(description='◀ prev', layout=W.Layout(width='80px'))
+    self.next_button = W.Button(description='next ▶', layout=W.Layout(width='80px'))
+    self.page_label = W.HTML().add_class('laion-page-label')
+    self.search_box = W.Text(placeholder='search captions', continuous_update=True,
+                             layout=W.Layout(width='220px')).add_class('laion-search')
+    self.random_button = W.Button(description='random sample', icon='random', layout=W.Layout(width='140px'))
+    self.prev_button.on_click(lambda _: self.prev_page())
+    self.next_button.on_click(lambda _: self.next_page())
+    self.random_button.on_click(lambda _: self.random_sample())
+    self.search_box.observe(lambda change: self._typed(change), names='value')  # search as you type: below
+    self.grid = W.GridBox(layout=W.Layout(grid_template_columns=f'repeat(auto-fill, {s + 24}px)',
+                                          grid_gap='6px')).add_class('laion-gallery-grid')
+    self._tiles = []  # (box, image, info), created as pages need them, reused afterwards
+    bar = W.HBox([self.prev_button, self.page_label, self.next_button, self.search_box, self.random_button],
+                 layout=W.Layout(align_items='center', grid_gap='8px'))
+    self.widget = W.VBox([bar, self.grid]).add_class('laion-gallery')
 
-    def thumb(self, index:int, path:str) -> bytes|None:
-        "The thumbnail of row `index` (file `path` relative to the output dir), or None if it cannot be read."
-        if index in self._thumbs:
-            self._thumbs.move_to_end(index)
-            return self._thumbs[index]
-        try: data = make_thumb(self.out_dir/path, self.thumb_size)
-        except (OSError, ValueError, Image.DecompressionBombError): data = None
-        self.thumbs_made += 1
-        self._thumbs[index] = data
-        if len(self._thumbs) > self.cache_size: self._thumbs.popitem(last=False)
-        return data
+# %% ../nbs/05_widgets.ipynb #33df5ee0
+@patch
+def thumb(self:Gallery, index:int,  # the row's index
+          path:str) -> bytes|None:  # its file, relative to the output dir
+    "The thumbnail of row `index`, or None if its file cannot be read."
+    if index in self._thumbs:
+        self._thumbs.move_to_end(index)
+        return self._thumbs[index]
+    try: data = _make_thumb(self.out_dir/path, self.thumb_size)
+    except (OSError, ValueError, Image.DecompressionBombError): data = None
+    self.thumbs_made += 1
+    self._thumbs[index] = data
+    if len(self._thumbs) > self.cache_size: self._thumbs.popitem(last=False)
+    return data
 
-    def _tile(self, k):
-        while len(self._tiles) <= k:
-            img = W.Image(format='jpeg', layout=W.Layout(max_width=f'{self.thumb_size}px',
-                                                         max_height=f'{self.thumb_size}px')).add_class('laion-thumb-img')
-            info = W.HTML(layout=W.Layout(width='100%')).add_class('laion-thumb-info')
-            box = W.VBox([img, info], layout=W.Layout(width=f'{self.thumb_size + 24}px', align_items='center',
-                                                      padding='4px', border='1px solid #ddd')).add_class('laion-thumb')
-            self._tiles.append((box, img, info))
-        return self._tiles[k]
+@patch
+def _tile(self:Gallery, k):
+    while len(self._tiles) <= k:
+        img = W.Image(format='jpeg', layout=W.Layout(max_width=f'{self.thumb_size}px',
+                                                     max_height=f'{self.thumb_size}px')).add_class('laion-thumb-img')
+        info = W.HTML(layout=W.Layout(width='100%')).add_class('laion-thumb-info')
+        box = W.VBox([img, info], layout=W.Layout(width=f'{self.thumb_size + 24}px', align_items='center',
+                                                  padding='4px', border='1px solid #ddd')).add_class('laion-thumb')
+        self._tiles.append((box, img, info))
+    return self._tiles[k]
 
-    def _show(self, k, row):
-        box, img, info = self._tile(k)
-        data = self.thumb(row['index'], row['path'])
-        (box.remove_class if data else box.add_class)('laion-thumb-missing')
-        img.value = data or self._missing
-        cap, note = html.escape(str(row['caption'])), '' if data else '<b>image file missing or unreadable</b><br>'
-        info.value = (f'<div style="font-size:11px;line-height:1.3;overflow-wrap:anywhere" title="{cap}">'
-                      f'<b>#{row["index"]}</b> · {row["width"]}×{row["height"]}<br>{note}'
-                      f'{html.escape(_short(row["caption"], 70))}</div>')
-        return box
+# %% ../nbs/05_widgets.ipynb #4bb86abb
+@patch
+def _show(self:Gallery, k, row):
+    box, img, info = self._tile(k)
+    data = self.thumb(row['index'], row['path'])
+    (box.remove_class if data else box.add_class)('laion-thumb-missing')
+    img.value = data or self._missing
+    cap, note = html.escape(str(row['caption'])), '' if data else '<b>image file missing or unreadable</b><br>'
+    info.value = (f'<div style="font-size:11px;line-height:1.3;overflow-wrap:anywhere" title="{cap}">'
+                  f'<b>#{row["index"]}</b> · {row["width"]}×{row["height"]}<br>{note}'
+                  f'{html.escape(_short(row["caption"], 70))}</div>')
+    return box
 
-    def show_page(self, page:int):
-        "Show page `page` (counted from 0, clipped to the pages there are)."
-        with self._lock:
-            self.page = min(max(0, page), self.n_pages - 1)
-            pos = self.rows[self.page * self.page_size:(self.page + 1) * self.page_size]
-            self.page_rows = self.saved.iloc[pos]
-            self.grid.children = [self._show(k, row) for k, row in enumerate(self.page_rows.to_dict('records'))]
-            self.page_label.value = self._label()
-            self.prev_button.disabled = self.page == 0
-            self.next_button.disabled = self.page >= self.n_pages - 1
+@patch
+def show_page(self:Gallery, page:int):  # counted from 0
+    "Show page `page` (clipped to the pages there are)."
+    with self._lock:
+        self.page = min(max(0, page), self.n_pages - 1)
+        pos = self.rows[self.page * self.page_size:(self.page + 1) * self.page_size]
+        self.page_rows = self.saved.iloc[pos]
+        self.grid.children = [self._show(k, row) for k, row in enumerate(self.page_rows.to_dict('records'))]
+        self.page_label.value = self._label()
+        self.prev_button.disabled = self.page == 0
+        self.next_button.disabled = self.page >= self.n_pages - 1
 
-    def next_page(self): self.show_page(self.page + 1)
-    def prev_page(self): self.show_page(self.page - 1)
+@patch
+def next_page(self:Gallery): self.show_page(self.page + 1)
+@patch
+def prev_page(self:Gallery): self.show_page(self.page - 1)
+@patch
+def _label(self:Gallery):
+    what = f'{self.matches:,} images' if not self.query else \
+           f'{self.matches:,} of {len(self.saved):,} images match “{html.escape(self.query)}”'
+    if self.shuffled: what += ', in random order'
+    return f'page {self.page + 1:,} of {self.n_pages:,} · {what}'
 
-    def _label(self):
-        what = f'{self.matches:,} images' if not self.query else \
-               f'{self.matches:,} of {len(self.saved):,} images match “{html.escape(self.query)}”'
-        if self.shuffled: what += ', in random order'
-        return f'page {self.page + 1:,} of {self.n_pages:,} · {what}'
+# %% ../nbs/05_widgets.ipynb #72c91740
+@patch
+def random_sample(self:Gallery):
+    "Show the current matches in a new random order (seeded), starting with its first page."
+    with self._lock:
+        self.rows = self._rng.permutation(self.rows)
+        self.shuffled = True
+        self.show_page(0)
 
-    def random_sample(self):
-        "Show the current matches in a new random order (seeded), starting with its first page."
-        with self._lock:
-            self.rows = self._rng.permutation(self.rows)
-            self.shuffled = True
-            self.show_page(0)
-
-    def __repr__(self):
-        head = f'Gallery of {self.out_dir}: {self._label()} ({self.page_size} per page)'
-        if self.page_rows.empty: return head
-        rows = [f'{r["index"]:>9}  {str(r["width"]) + "x" + str(r["height"]):>11}  {_short(r["caption"], 60)}'
-                for r in self.page_rows.to_dict('records')]
-        return '\n'.join([head, f'{"index":>9}  {"size":>11}  caption', *rows])
+@patch
+def __repr__(self:Gallery):
+    head = f'Gallery of {self.out_dir}: {self._label()} ({self.page_size} per page)'
+    if self.page_rows.empty: return head
+    rows = [f'{r["index"]:>9}  {str(r["width"]) + "x" + str(r["height"]):>11}  {_short(r["caption"], 60)}'
+            for r in self.page_rows.to_dict('records')]
+    return '\n'.join([head, f'{"index":>9}  {"size":>11}  caption', *rows])
 
 # %% ../nbs/05_widgets.ipynb #318a388c
 @patch
@@ -202,6 +219,7 @@ def _search_box(self:Gallery):
         text = self.search_box.value.strip()
         if text != self.query: self._filter(text)
 
+# %% ../nbs/05_widgets.ipynb #961a3a56
 @patch
 def _filter(self:Gallery, text:str):
     if text:
@@ -222,19 +240,19 @@ def search(self:Gallery, text:str):
         self._filter(text)
 
 # %% ../nbs/05_widgets.ipynb #102fc16f
-NO_STATUS = 'no response'  # the status label of failures that never got an HTTP response
-NO_HOST = '(no host)'      # the domain label of URLs without a host
-ALL = '(all)'              # the choice of all error types in the breakdown's dropdown
-SAVED_COLOR = '#5cb85c'    # saved rows, in every widget
-ERROR_COLOR = '#d9534f'    # failed rows, in every widget
+_NO_STATUS = 'no response'  # the status label of failures that never got an HTTP response
+_NO_HOST = '(no host)'      # the domain label of URLs without a host
+_ALL = '(all)'              # the choice of all error types in the breakdown's dropdown
+_SAVED_COLOR = '#5cb85c'    # saved rows, in every widget
+_ERROR_COLOR = '#d9534f'    # failed rows, in every widget
 
-def domains(urls:pd.Series) -> pd.Series:
-    "The host of each URL in `urls`, lower-cased; `NO_HOST` where there is none."
+def _domains(urls:pd.Series) -> pd.Series:
+    "The host of each URL in `urls`, lower-cased; `_NO_HOST` where there is none."
     host = urls.astype(str).str.extract(r'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]/]*\]|[^:/?#]+)',
                                         expand=False)
-    return host.str.lower().fillna(NO_HOST)
+    return host.str.lower().fillna(_NO_HOST)
 
-def count_shares(values:pd.Series,    # one label per row
+def _count_shares(values:pd.Series,    # one label per row
                  total:int|None=None, # what the shares are of (default: the number of values)
                 ) -> pd.DataFrame:
     "Count and share of each label in `values`, most common first (ties by label)."
@@ -247,7 +265,7 @@ def count_shares(values:pd.Series,    # one label per row
 _TABLE = 'border-collapse:collapse;font-size:12px;margin:0 18px 12px 0;vertical-align:top'
 _CELL = 'padding:1px 8px;border-bottom:1px solid #eee'
 
-def _bar_table(name, title, df, color=ERROR_COLOR) -> str:
+def _bar_table(name, title, df, color=_ERROR_COLOR) -> str:
     "One breakdown table as HTML, a bar per row (`color`, or a colour per label); rows are `tr.laion-bar-row`."
     colors = color if isinstance(color, dict) else {}
     rate = 'failure_rate' in df  # the domain table also says how often each domain failed
@@ -273,7 +291,7 @@ def _text_table(title, df, width=20) -> list[str]:
                      + f'  {"█" * round(width * r.share)}')
     return lines
 
-# %% ../nbs/05_widgets.ipynb #c62e358e
+# %% ../nbs/05_widgets.ipynb #c46d415e
 class ErrorBreakdown(_Panel):
     "Saved against failed in `out_dir`, and the failures by type, HTTP status, domain and attempts."
     def __init__(self, out_dir:str|Path,  # output dir of a download
@@ -286,68 +304,81 @@ class ErrorBreakdown(_Panel):
         s, f = self.summary, self.failed
         self.outcome = pd.DataFrame({'count': [s['saved'], s['failed']]}, index=pd.Index(['saved', 'failed'], name='label'))
         self.outcome['share'] = self.outcome['count'] / max(s['attempted'], 1)
-        self.by_type = count_shares(f['error_type'])
-        status = f['status'].astype('Float64').astype('Int64').astype(str).where(f['status'].notna(), NO_STATUS)
-        self.by_status = count_shares(status)
-        failed_at, saved_at = domains(f['url']), domains(self.saved['url'])
-        by_domain = count_shares(failed_at)
+        self.by_type = _count_shares(f['error_type'])
+        status = f['status'].astype('Float64').astype('Int64').astype(str).where(f['status'].notna(), _NO_STATUS)
+        self.by_status = _count_shares(status)
+        failed_at, saved_at = _domains(f['url']), _domains(self.saved['url'])
+        by_domain = _count_shares(failed_at)
         self.n_domains, self.by_domain = len(by_domain), by_domain.head(top_domains)
         tried = failed_at.value_counts().add(saved_at.value_counts(), fill_value=0)
         self.by_domain['failure_rate'] = self.by_domain['count'] / tried.reindex(self.by_domain.index).to_numpy()
-        by_attempts = count_shares(f['attempts'].astype('int64'))
+        by_attempts = _count_shares(f['attempts'].astype('int64'))
         self.by_attempts = by_attempts.loc[sorted(by_attempts.index, key=int)]
         self._build()
 
-    def samples(self, error_type:str|None=None) -> pd.DataFrame:
-        "Up to `samples` failed rows of `error_type` (all types if None), by index."
-        f = self.failed if error_type is None else self.failed[self.failed['error_type'] == error_type]
-        return f[['index', 'error_type', 'status', 'attempts', 'url', 'message']].head(self.n_samples)
+# %% ../nbs/05_widgets.ipynb #28b9dbde
+@patch
+def samples(self:ErrorBreakdown, error_type:str|None=None) -> pd.DataFrame:  # None: all types
+    "Up to `samples` failed rows of `error_type`, by index."
+    f = self.failed if error_type is None else self.failed[self.failed['error_type'] == error_type]
+    return f[['index', 'error_type', 'status', 'attempts', 'url', 'message']].head(self.n_samples)
 
-    def _build(self):
-        s = self.summary
-        head = (f'<div style="font-size:13px;margin-bottom:6px"><b>{s["attempted"]:,}</b> rows attempted in '
-                f'<code>{html.escape(str(self.out_dir))}</code></div>')
-        tables = [_bar_table('outcome', 'outcome', self.outcome, {'saved': SAVED_COLOR, 'failed': ERROR_COLOR}),
-                  _bar_table('type', 'failures by error type', self.by_type),  # every failure in the error colour
-                  _bar_table('status', 'failures by HTTP status', self.by_status),
-                  _bar_table('attempts', 'failures by attempts', self.by_attempts),
-                  _bar_table('domain', self._domain_title(), self.by_domain)]
-        self.tables = W.HTML(head + '<div style="display:flex;flex-wrap:wrap;align-items:flex-start">'
-                             + ''.join(tables) + '</div>').add_class('laion-breakdown-tables')
-        options = [(f'all failures ({s["failed"]:,})', ALL)] + [(f'{t} ({n:,})', t) for t, n in s['by_type'].items()]
-        self.type_select = W.Dropdown(options=options, description='sample rows:',
-                                      style={'description_width': 'initial'}).add_class('laion-error-select')
-        self.sample_rows = W.HTML().add_class('laion-error-samples')
-        self.type_select.observe(lambda ch: self.show_samples(ch['new']), names='value')
-        self.widget = W.VBox([self.tables, self.type_select, self.sample_rows]).add_class('laion-error-breakdown')
-        self.show_samples()
+@patch
+def _domain_title(self:ErrorBreakdown, title='failures by domain'):
+    top = len(self.by_domain)
+    return title + (f' (top {top} of {self.n_domains:,})' if top < self.n_domains else '')
 
-    def _domain_title(self, title='failures by domain'):
-        top = len(self.by_domain)
-        return title + (f' (top {top} of {self.n_domains:,})' if top < self.n_domains else '')
+@patch
+def _build(self:ErrorBreakdown):
+    s = self.summary
+    head = (f'<div style="font-size:13px;margin-bottom:6px"><b>{s["attempted"]:,}</b> rows attempted in '
+            f'<code>{html.escape(str(self.out_dir))}</code></div>')
+    tables = [_bar_table('outcome', 'outcome', self.outcome, {'saved': _SAVED_COLOR, 'failed': _ERROR_COLOR}),
+              _bar_table('type', 'failures by error type', self.by_type),  # every failure in the error colour
+              _bar_table('status', 'failures by HTTP status', self.by_status),
+              _bar_table('attempts', 'failures by attempts', self.by_attempts),
+              _bar_table('domain', self._domain_title(), self.by_domain)]
+    self.tables = W.HTML(head + '<div style="display:flex;flex-wrap:wrap;align-items:flex-start">'
+                         + ''.join(tables) + '</div>').add_class('laion-breakdown-tables')
+    options = [(f'all failures ({s["failed"]:,})', _ALL)] + [(f'{t} ({n:,})', t) for t, n in s['by_type'].items()]
+    self.type_select = W.Dropdown(options=options, description='sample rows:',
+                                  style={'description_width': 'initial'}).add_class('laion-error-select')
+    self.sample_rows = W.HTML().add_class('laion-error-samples')
+    self.type_select.observe(lambda ch: self.show_samples(ch['new']), names='value')
+    self.widget = W.VBox([self.tables, self.type_select, self.sample_rows]).add_class('laion-error-breakdown')
+    self.show_samples()
 
-    def show_samples(self, error_type:str|None=None):
-        "List sample rows of `error_type` (all failures if None) under the tables."
-        error_type = error_type or ALL
-        if self.type_select.value != error_type: self.type_select.value = error_type  # calls back here
-        rows = self.samples(None if error_type == ALL else error_type)
-        cells = lambda *vs: ''.join(f'<td style="{_CELL};overflow-wrap:anywhere">{html.escape(str(v))}</td>' for v in vs)
-        body = ''.join(f'<tr class="laion-error-row" data-index="{r["index"]}">'
-                       + cells(r['index'], r['error_type'], NO_STATUS if pd.isna(r['status']) else int(r['status']),
-                               r['attempts'], r['url'], r['message']) + '</tr>'
-                       for r in rows.to_dict('records'))
-        head = ''.join(f'<th style="{_CELL};text-align:left">{h}</th>'
-                       for h in ('index', 'error type', 'status', 'attempts', 'URL', 'message'))
-        self.sample_rows.value = (f'<table class="laion-error-table" style="{_TABLE}"><thead><tr>{head}</tr></thead>'
-                                  f'<tbody>{body}</tbody></table>' if body else '<i>no failed rows</i>')
+# %% ../nbs/05_widgets.ipynb #ae170e43
+@patch
+def show_samples(self:ErrorBreakdown, error_type:str|None=None):  # None: all failures
+    "List sample rows of `error_type` under the tables."
+    error_type = error_type or _ALL
+    if self.type_select.value != error_type: self.type_select.value = error_type  # calls back here
+    rows = self.samples(None if error_type == _ALL else error_type)
+    cells = lambda *vs: ''.join(f'<td style="{_CELL};overflow-wrap:anywhere">{html.escape(str(v))}</td>' for v in vs)
+    body = ''.join(f'<tr class="laion-error-row" data-index="{r["index"]}">'
+                   + cells(r['index'], r['error_type'], _NO_STATUS if pd.isna(r['status']) else int(r['status']),
+                           r['attempts'], r['url'], r['message']) + '</tr>'
+                   for r in rows.to_dict('records'))
+    head = ''.join(f'<th style="{_CELL};text-align:left">{h}</th>'
+                   for h in ('index', 'error type', 'status', 'attempts', 'URL', 'message'))
+    self.sample_rows.value = (f'<table class="laion-error-table" style="{_TABLE}"><thead><tr>{head}</tr></thead>'
+                              f'<tbody>{body}</tbody></table>' if body else '<i>no failed rows</i>')
 
-    def __repr__(self):
-        s = self.summary
-        lines = [f'ErrorBreakdown of {self.out_dir}: {s["attempted"]:,} rows attempted', '']
-        for title, df in (('outcome', self.outcome), ('error type', self.by_type), ('HTTP status', self.by_status),
-                          ('attempts', self.by_attempts), (self._domain_title('domain'), self.by_domain)):
-            if len(df): lines += _text_table(title, df) + ['']
-        return '\n'.join(lines).rstrip()
+@patch
+def __repr__(self:ErrorBreakdown):
+    s = self.summary
+    lines = [f'ErrorBreakdown of {self.out_dir}: {s["attempted"]:,} rows attempted', '']
+    for title, df in (('outcome', self.outcome), ('error type', self.by_type), ('HTTP status', self.by_status),
+                      ('attempts', self.by_attempts), (self._domain_title('domain'), self.by_domain)):
+        if len(df): lines += _text_table(title, df) + ['']
+    return '\n'.join(lines).rstrip()
+
+# %% ../nbs/05_widgets.ipynb #0cb088f4
+def _outcome(rec) -> str:  # a `records.Saved`/`records.Failed`, a dict or a frame's row
+    "'saved', or the error type of a failed row."
+    kind = rec.get('error_type') if isinstance(rec, Mapping) else getattr(rec, 'error_type', None)
+    return kind if isinstance(kind, str) and kind else 'saved'
 
 # %% ../nbs/05_widgets.ipynb #2b1bf310
 def _duration(seconds:float) -> str:
@@ -394,9 +425,8 @@ def start(self:LiveProgress, total:int):  # rows the download will try
 @patch
 def update(self:LiveProgress, rec:records.Saved|records.Failed):  # the record of a row that ended
     "Count one ended row; redraw if `interval` has passed since the last redraw."
-    kind = getattr(rec, 'error_type', None) or 'saved'
     with self._lock:
-        self.counts[kind] += 1
+        self.counts[_outcome(rec)] += 1
         self.done += 1
         if self.in_flight: self.in_flight -= 1  # it was in flight until now
         if time.monotonic() - self._drawn >= self.interval: self._draw()
@@ -438,8 +468,8 @@ def _draw(self:LiveProgress):
     if self.finished is not None: self.bar.bar_style = 'success' if not self.failed else 'warning'
     fails = ', '.join(f'<span class="laion-progress-{html.escape(k)}">{html.escape(k)} {n:,}</span>'
                       for k, n in self.counts.most_common() if k != 'saved')
-    failed = f'color:{ERROR_COLOR}' if self.failed else ''  # no alarm for no failures
-    self.stats.value = (f'<div style="font-size:12px"><span class="laion-progress-saved" style="color:{SAVED_COLOR}">'
+    failed = f'color:{_ERROR_COLOR}' if self.failed else ''  # no alarm for no failures
+    self.stats.value = (f'<div style="font-size:12px"><span class="laion-progress-saved" style="color:{_SAVED_COLOR}">'
                         f'<b>saved {self.counts["saved"]:,}</b></span> · <span class="laion-progress-failed" '
                         f'style="{failed}"><b>failed {self.failed:,}</b></span>{": " + fails if fails else ""}'
                         f'<br><span class="laion-progress-timing">{self._timing()}</span></div>')

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from laion_nb import records
+from conftest import download_quick
+from laion_nb import demo, records
 
 CHROMIUM = os.environ.get('LAION_NB_CHROMIUM', '/usr/bin/chromium')
 ARTIFACTS = Path(__file__).resolve().parent.parent/'artifacts'
 WAIT_MS = int(os.environ.get("LAION_NB_BROWSER_WAIT_MS", 120_000))  # the longest we wait for the notebook to render
 PAGE_SIZE, SAMPLES = 24, 20
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def free_port():
@@ -35,25 +36,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def make_output(out_dir):
-    "The output dir the notebook shows: a real download from the demo server when there is one, else real records."
-    try:
-        from laion_nb import demo, download
-    except ImportError:
-        demo = None
-    if demo is not None:
-        return demo_download(out_dir, demo, download)
-    from test_widgets import write_output
-    return write_output(out_dir, n=90)
-
-
-def demo_download(out_dir, demo, download):
-    "60 demo rows, 30 % failing on the quick failures only (no stall or drip: nothing waits on a timeout)."
-    with demo.ImageServer() as server:
-        dump = demo.make_demo_dump(out_dir.parent/'dump', server, n=60, fail_share=0.3, failures=demo.BENCH_FAILURES)
-        cfg = download.DownloadConfig(metadata=dump, output_dir=out_dir, timeout=2, retries=1,
-                                      allow_private_networks=True)
-        download.download(cfg, progress=None)
+def make_output(out_dir, dump):
+    "The output dir the notebook shows: a real download of `dump` from the demo server, with short timeouts."
+    download_quick(dump, out_dir)
     return out_dir
 
 
@@ -245,7 +230,7 @@ def check_controls(page, saved, summary):
     page.screenshot(path=str(ARTIFACTS/'widgets_browser_controls.png'))
 
 
-def test_gallery_and_breakdown_render_in_jupyterlab(tmp_path):
+def test_gallery_and_breakdown_render_in_jupyterlab(tmp_path, demo_dump):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -254,7 +239,8 @@ def test_gallery_and_breakdown_render_in_jupyterlab(tmp_path):
         pytest.fail(f'{CHROMIUM} not found: run .ci/system-deps (apt-get install chromium)')
 
     root = tmp_path/'lab'; root.mkdir()
-    out = make_output(tmp_path/'download')
+    # 60 demo rows, 30 % failing on the quick failures only: no row waits on a timeout
+    out = make_output(tmp_path/'download', demo_dump(n=60, fail_share=0.3, failures=demo.BENCH_FAILURES))
     shutil.copytree(out, root/'out')
     (root/'widgets_check.ipynb').write_text(json.dumps(notebook('out')))
     summary = records.summarize(root/'out')

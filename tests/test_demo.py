@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import requests
 
 from laion_nb import demo, records
@@ -20,15 +21,25 @@ def test_server_takes_hundreds_of_concurrent_connections():
     assert bodies[5] == bodies[5 + demo.VARIANTS] == demo.demo_image(5)
 
 
-def test_demo_dump_is_deterministic(tmp_path):
-    with demo.ImageServer() as server:
-        a = demo.make_demo_dump(tmp_path/'a', server)
-        b = demo.make_demo_dump(tmp_path/'b', server)
+def test_demo_dump_is_deterministic(demo_dump):
+    a, b = demo_dump('a', hanging=True), demo_dump('b', hanging=True)
     ta, tb = (pd.read_parquet(p/'metadate'/'metadata_000.parquet') for p in (a, b))
     pd.testing.assert_frame_equal(ta, tb)
     assert ta.columns.tolist() == demo.CLIP_COLUMNS
 
 
+def test_default_rows_and_the_quick_dump(demo_dump):
+    "The default dump: every failure once, 4 rows of bad URLs, 26 good pictures; `hanging=False` drops stall and drip only."
+    route = lambda u: u.split('/')[3] if u.startswith('http://127.0.0.1') else u
+    full = pd.read_parquet(demo_dump('full', hanging=True)/'metadate'/'metadata_000.parquet')['url'].tolist()
+    quick = pd.read_parquet(demo_dump('quick')/'metadate'/'metadata_000.parquet')['url'].tolist()
+    assert len(full) == 19 + 4 + 26 == len(demo.DEMO_FAILURES) + 30
+    assert sorted(map(route, full)) == sorted(map(route, quick + [u for u in full if route(u) in ('stall', 'drip')]))
+    assert {route(u) for u in full} - {route(u) for u in quick} == {'stall', 'drip'}
+    assert not any(route(u) in demo.HANGING for u in quick)
+
+
+@pytest.mark.slow
 def test_laion_nb_demo_runs_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, '-c', 'from laion_nb.demo import main; main()', '--data-root', str(tmp_path)],
                        capture_output=True, text=True, timeout=300)

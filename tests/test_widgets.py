@@ -10,7 +10,10 @@ import numpy as np
 from PIL import Image
 
 from laion_nb import records
-from laion_nb.widgets import ERROR_COLOR, NO_STATUS, SAVED_COLOR, ErrorBreakdown, Gallery, LiveProgress, domains
+import pytest
+
+from laion_nb.widgets import (_ERROR_COLOR as ERROR_COLOR, _NO_STATUS as NO_STATUS, _SAVED_COLOR as SAVED_COLOR,
+                             ErrorBreakdown, Gallery, LiveProgress, _domains as domains, _outcome)
 
 FAILURES = [('http_status', 404, 'HTTP 404 Not Found', 1), ('timeout', None, 'no answer within 10 s', 4),
             ('http_status', 503, 'HTTP 503 Service Unavailable', 4), ('not_image', None, 'text/html is not an image', 1),
@@ -41,6 +44,7 @@ def write_output(out_dir, n=90, every=3, hosts=30):
     return out_dir
 
 
+@pytest.mark.slow
 def test_million_rows_render_one_page(tmp_path):
     n, page = 1_000_000, 24
     for k in range(5): write_image(tmp_path/'images'/f'{k}.jpg', k)
@@ -203,6 +207,19 @@ def test_domains_vectorised():
     assert domains(urls).tolist() == ['www.example.com', 'h.test', '(no host)', '(no host)']
 
 
+def test_one_outcome_for_records_dicts_and_rows(tmp_path):
+    "`_outcome` says 'saved' or the error type, whatever shape the row comes in."
+    import pandas as pd
+    ok = records.Saved(1, 'images/1.jpg', 'u', 'c', 1, 1, 1, '')
+    bad = records.Failed(2, 'u', 'timeout', None, 'slow', 4)
+    assert [_outcome(ok), _outcome(bad)] == ['saved', 'timeout']
+    assert [_outcome({'index': 1}), _outcome({'error_type': 'dns'}), _outcome({'error_type': None})] == ['saved', 'dns', 'saved']
+    both = pd.DataFrame([vars(ok), vars(bad)])  # a saved row has no error type: NaN in a frame of both
+    assert [_outcome(r) for _, r in both.iterrows()] == ['saved', 'timeout']
+    assert [_outcome(r) for r in both.itertuples()] == ['saved', 'timeout']
+    assert [_outcome(r) for r in both.to_dict('records')] == ['saved', 'timeout']
+
+
 def test_live_progress_from_threads():
     p = LiveProgress(interval=0, show=False)
     p.start(8000)
@@ -276,6 +293,7 @@ def test_live_progress_waiting_throttled():
     assert p.in_flight == 0 and p.draws == 3
 
 
+@pytest.mark.slow
 def test_live_progress_shows_once_in_a_kernel(tmp_path):
     "In a real kernel, as JupyterLab runs it: one panel per cell, whatever the cell does."
     import nbformat
