@@ -253,7 +253,6 @@ def wide_png() -> bytes:
     "A real 10001x80 PNG: one pixel wider than the largest size the guide accepts."
     buf = io.BytesIO(); Image.new('RGB', (10001, 80), (200, 120, 40)).save(buf, 'PNG'); return buf.getvalue()
 
-_bomb_png, _wide_png = bomb_png, wide_png  # the old names, until 02_images imports the public ones
 
 @patch
 def r_small(self:_Handler, i, ext, n): self._send(200, demo_image(i, 'jpg', (32, 32)))

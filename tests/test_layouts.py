@@ -11,7 +11,7 @@ import pytest
 
 from laion_nb import demo
 from laion_nb.download import DownloadConfig, download
-from laion_nb.makeindex import IndexConfig, makeindex
+from laion_nb.makeindex import IndexConfig, LaionIndex, makeindex
 from laion_nb.metadata import Dump
 
 GOOD, BAD = 9, 3  # per layout: rows with a picture, rows whose URL answers 404
@@ -108,7 +108,7 @@ def test_each_release_layout_opens_downloads_and_indexes(layout, server, tmp_pat
     assert (rep.saved, rep.failed) == (GOOD, BAD), rep
     assert sorted(int(p.stem) for p in (out/'images').glob('*.jpg')) == [i for i in range(n) if i % 4]
 
-    idx = makeindex(IndexConfig(tmp_path/'data', laion=True, esc50=False, laion_dir=dump_root, download_dir=out))
+    idx = makeindex(IndexConfig(data_root=tmp_path/'data', esc50=None, laion=LaionIndex(dir=dump_root, download_dir=out)))
     lines = [json.loads(l) for l in (tmp_path/'data'/'laion_train.jsonl').read_text(encoding='utf-8').splitlines()]
     local = [l for l in lines if 'image' in l]
     assert len(local) == GOOD, idx
