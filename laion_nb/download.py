@@ -833,5 +833,9 @@ def main(argv:list[str]|None=None) -> int:
         return 130
     return 0
 
+# %% ../nbs/03_download.ipynb #551445c9
+if __name__ == 'laion_nb.download':
+    import laion_nb; laion_nb._callable(__name__, download)
+
 # %% ../nbs/03_download.ipynb #9a0b7e0b
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

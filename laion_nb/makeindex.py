@@ -575,3 +575,7 @@ def main(argv:list[str]|None=None) -> int:
         print(f'makeindex: error: {str(e).replace(chr(10), " ")}{hint}', file=sys.stderr)
         raise SystemExit(2) from None
     return 0
+
+# %% ../nbs/04_makeindex.ipynb #74a874c5
+if __name__ == 'laion_nb.makeindex':
+    import laion_nb; laion_nb._callable(__name__, makeindex)
