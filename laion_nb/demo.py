@@ -51,7 +51,7 @@ def _encoded(v, fmt, size):
     if fmt == 'jpg': im.save(buf, 'JPEG', quality=85)
     elif fmt in ('png', 'rgba'): im.save(buf, 'PNG', compress_level=1)
     elif fmt == 'webp': im.save(buf, 'WEBP', quality=80)
-    elif fmt == 'gif': im.convert('P', palette=Image.ADAPTIVE).save(buf, 'GIF')
+    elif fmt == 'gif': im.quantize(256, method=Image.Quantize.FASTOCTREE).save(buf, 'GIF')  # 3 ms; an adaptive palette took 170
     else: raise ValueError(f'unknown demo format {fmt!r}')
     return buf.getvalue()
 
