@@ -168,40 +168,76 @@ class Downloader:
         return self.store(index, url, caption, res, abort)
 
 # %% ../nbs/03_download.ipynb #1ac12f4b
-def missing_images(out_dir:str|Path, saved:pd.DataFrame) -> list[int]:
-    "The rows of `saved` whose image file is gone from `out_dir/images/` (the folder is listed once)."
-    folder = Path(out_dir)/IMAGES_DIR
-    if saved.empty: return []
-    names = set()
+def _listing(folder:Path):
+    "The files in `folder`: the indices of those named `{index}.jpg` as a sorted array, and the other names."
+    import numpy as np
+    from array import array
+    ints, other = array('q'), set()
     if folder.is_dir():
-        with os.scandir(folder) as it: names = {e.name for e in it}
-    files = saved['path'].astype(str).str.rpartition('/')[2]
-    return saved['index'][~files.isin(names)].astype(int).tolist()
+        with os.scandir(folder) as it:
+            for e in it:
+                n = e.name; stem = n[:-4]
+                if n.endswith('.jpg') and 0 < len(stem) < 19 and stem.isascii() and stem.isdigit() and (stem == '0' or stem[0] != '0'):
+                    ints.append(int(stem))
+                else: other.add(n)
+    return np.sort(np.frombuffer(ints, np.int64) if len(ints) else np.zeros(0, np.int64)), other
+
+def missing_images(out_dir:str|Path, saved:records.Outcomes) -> np.ndarray:
+    "The saved rows of `saved` whose image file is gone from `out_dir/images/` (the folder is listed once)."
+    import numpy as np
+    if not len(saved.saved): return np.zeros(0, np.int64)
+    present, other = _listing(Path(out_dir)/IMAGES_DIR)
+    gone = ~np.isin(saved.saved, present, assume_unique=True)
+    for i, name in saved.names.items():  # the few rows whose file is not named by their index
+        stem = name[:-4]
+        found = name in other or (name.endswith('.jpg') and name == f'{stem}.jpg' and stem.isdigit() and str(int(stem)) == stem
+                                  and bool(np.isin(int(stem), present)))
+        gone[np.searchsorted(saved.saved, i)] = not found
+    return saved.saved[gone]
+
+# %% ../nbs/03_download.ipynb #6053cf75
+def _transient(types:np.ndarray, statuses:np.ndarray) -> np.ndarray:
+    "Which of the failures `types` (with HTTP `statuses`, nan for none) may pass on another try; `is_transient` once per pair."
+    import numpy as np
+    seen = {}
+    def one(t, s):
+        k = (t, s)
+        if k not in seen: seen[k] = is_transient(t, None if s != s else int(s))
+        return seen[k]
+    return np.array([one(t, s) for t, s in zip(types.tolist(), statuses.tolist())], dtype=bool)
 
 def done_indices(out_dir:str|Path, retry_failed:bool=False,
                  missing:list|None=None,  # gets the saved rows whose file is gone (they are not done)
-                ) -> set[int]:
-    "The rows of `out_dir` a new run skips: saved ones still on disk, and permanently failed ones unless `retry_failed`."
-    saved = records.read_saved(out_dir)
-    gone = missing_images(out_dir, saved)
-    if gone:  # saved once, deleted since: take the records back, so the row is fetched again and not counted as saved
-        records.forget_saved(out_dir, gone); saved = saved[~saved['index'].isin(gone)]
-        if missing is not None: missing.extend(gone)
-    done = set(saved['index'].tolist())
-    if not retry_failed:
-        failed = records.read_failed(out_dir, saved=saved)
-        for i, t, s in zip(failed['index'], failed['error_type'], failed['status']):
-            if not is_transient(t, None if s != s or s is None else int(s)): done.add(int(i))
-    return done.difference(gone)
+                ) -> np.ndarray:
+    "The rows of `out_dir` a new run skips, sorted: saved ones still on disk, and permanently failed ones unless `retry_failed`."
+    import numpy as np
+    o = records.read_outcomes(out_dir)
+    gone, saved = missing_images(out_dir, o), o.saved
+    if len(gone):  # saved once, deleted since: take the records back, so the row is fetched again and not counted as saved
+        records.forget_saved(out_dir, gone); saved = np.setdiff1d(saved, gone, assume_unique=True)
+        if missing is not None: missing.extend(gone.tolist())
+    if retry_failed: return saved
+    return np.union1d(saved, o.failed[~_transient(o.error_type, o.status)])  # `o.failed` holds no saved row, gone or not
 
-def pending_rows(dump:Dump, done:set[int], stop:int|None=None, start:int=0, batch_size:int=8192) -> Iterator[tuple[int, object, str]]:
+def _sorted_rows(done) -> np.ndarray:
+    import numpy as np
+    if isinstance(done, (set, frozenset)): done = list(done)
+    return np.unique(np.asarray(done, dtype=np.int64))
+
+def pending_rows(dump:Dump, done, # the rows to skip: `done_indices`, or any collection of ints
+                 stop:int|None=None, start:int=0, batch_size:int=8192) -> Iterator[tuple[int, object, str]]:
     "Stream `(index, url, caption)` of the rows `start` to `stop` of `dump` that are not `done`; a null URL is None."
-    limit = None if stop is None else max(0, stop - start)
+    import numpy as np
+    done, limit = _sorted_rows(done), None if stop is None else max(0, stop - start)
     for b in dump.batches(('index', 'url', 'caption'), start=start, limit=limit, batch_size=batch_size):
         idx, url = b['index'].to_numpy(), b['url']
-        urls, caps = url.astype(object).where(url.notna(), None).tolist(), b['caption'].tolist()
-        for k, i in enumerate(idx.tolist()):
-            if i not in done: yield i, urls[k], caps[k] if isinstance(caps[k], str) else ''
+        if not len(idx): continue
+        lo, hi = np.searchsorted(done, [idx.min(), idx.max() + 1])
+        todo = np.flatnonzero(~np.isin(idx, done[lo:hi])) if hi > lo else range(len(idx))
+        if not len(todo): continue
+        urls, caps, idx = url.astype(object).where(url.notna(), None).tolist(), b['caption'].tolist(), idx.tolist()
+        for k in todo.tolist() if hi > lo else todo:
+            yield idx[k], urls[k], caps[k] if isinstance(caps[k], str) else ''
 
 # %% ../nbs/03_download.ipynb #155b8b06
 STOP_GRACE = 2.0   # seconds the rows in flight get to finish when a run is interrupted
@@ -699,19 +735,18 @@ def open_run(cfg:DownloadConfig):
     return dump, out, len(dump) if cfg.max_samples is None else min(cfg.max_samples, len(dump))
 
 def end_run(out:Path, rows:int, skipped:int, counts:Counter, t0:float, interrupted:bool, missing:int=0) -> DownloadReport:
-    "Rebuild `download_errors.json` from the logs, and report the run whose outcomes are `counts`."
-    saved_df = records.read_saved(out)
-    failed_df = records.read_failed(out, saved=saved_df)
-    errors = records.write_errors_json(out, saved_df, failed_df)
+    "Rebuild `download_errors.json` from the logs (read as `records.read_outcomes` arrays, not frames), and report the run whose outcomes are `counts`."
+    o = records.read_outcomes(out)
+    errors = records.write_errors_json(out, o)
     counts = counts.copy(); saved = counts.pop('saved', 0); failed = sum(counts.values())
     return DownloadReport(out, rows, skipped, saved + failed, saved, failed, dict(counts.most_common()),
-                          time.monotonic() - t0, records.summarize(out, saved_df, failed_df), errors, interrupted, missing)
+                          time.monotonic() - t0, o.summary(), errors, interrupted, missing)
 
 def _run(cfg:DownloadConfig, dump, out:Path, n_rows:int, progress, t0:float) -> DownloadReport:
     "Fetch the pending rows of an opened run, in threads or worker processes, and report."
     missing = []
     done = done_indices(out, cfg.retry_failed, missing)
-    skipped = sum(1 for i in done if i < n_rows)
+    skipped = int((done < n_rows).sum())  # `done` is a sorted numpy array
     total = n_rows - skipped
     rows = pending_rows(dump, done, n_rows)
     n_proc = cfg.processes or ((os.cpu_count() or 1) if total >= 1000 else 1)

@@ -8,11 +8,12 @@ import io, json, os, shutil, warnings
 from collections import Counter
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Callable, Iterator
 
 # %% auto #0
 __all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'escape_line_breaks', 'RecordLog',
            'BadRecordError', 'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards', 'shard_records',
-           'summarize', 'write_errors_json', 'read_errors_json']
+           'Outcomes', 'read_outcomes', 'summarize', 'write_errors_json', 'read_errors_json']
 
 # %% ../nbs/02b_records.ipynb #21c35276
 SAVED_FILE = 'image_paths.jsonl'      # one line per saved image
@@ -99,34 +100,48 @@ def _optional(cls) -> set:
     "The fields of `cls` a line may leave out or null (those with a default, and `Failed.status`)."
     return {f.name for f in fields(cls) if f.default is not MISSING or f.name == 'status'}
 
-def _fast(data:bytes, cls):
-    "The records in `data` as a frame, read by Arrow; None if any line is not a clean record (the slow path says which)."
-    import pandas as pd, pyarrow as pa, pyarrow.json as pj
-    schema, optional = _schema(cls), _optional(cls)
-    try: t = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior='ignore'))
+def _table(data:bytes, cls, threads:bool=True):
+    "The records in `data` as an Arrow table of the fields of `cls`; None if any line is not a clean record (the slow path says which)."
+    import pyarrow as pa, pyarrow.json as pj
+    schema = _schema(cls)
+    try: t = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior='ignore'),
+                                              read_options=pj.ReadOptions(use_threads=threads))
     except (pa.ArrowException, ValueError): return None
+    optional = _optional(cls)
     if any(t.column(n).null_count for n in schema.names if n not in optional): return None
-    return t.select(schema.names).to_pandas(types_mapper=lambda ty: pd.StringDtype('pyarrow') if ty == pa.string() else None)
+    return t.select(schema.names)
+
+def _fast(data:bytes, cls):
+    "The records in `data` as a frame, read by Arrow; None if any line is not a clean record."
+    import pandas as pd, pyarrow as pa
+    t = _table(data, cls)
+    return None if t is None else t.to_pandas(types_mapper=lambda ty: pd.StringDtype('pyarrow') if ty == pa.string() else None)
+
+def _record(line:bytes, cls) -> dict:
+    "The fields of `cls` in one line; ValueError if it is not a record."
+    rec = json.loads(line)
+    if not isinstance(rec, dict) or not isinstance(rec.get('index'), int): raise ValueError('no integer "index"')
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in rec and n not in _optional(cls)]
+    if missing: raise ValueError(f'missing {", ".join(missing)}')
+    return {n: rec.get(n) for n in names}
+
+def _bad_line(path, no:int, cls, e) -> BadRecordError:
+    return BadRecordError(f'{path}, line {no}: not a valid {cls.__name__} record ({e}); fix line {no} of '
+                          f'{Path(path).name} or delete it (that row is then fetched again), and run again')
 
 def _slow(data:bytes, path, cls, skip_bad_lines):
     "The records in `data` line by line, naming the first bad line (or skipping bad lines)."
     import pandas as pd
-    names, recs, bad = [f.name for f in fields(cls)], [], []
+    recs, bad = [], []
     for no, line in enumerate(data.split(b'\n')[:-1], 1):
         if not line.strip(): continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict) or not isinstance(rec.get('index'), int): raise ValueError('no integer "index"')
-            missing = [n for n in names if n not in rec and n not in _optional(cls)]
-            if missing: raise ValueError(f'missing {", ".join(missing)}')
+        try: recs.append(_record(line, cls))
         except ValueError as e:
-            if not skip_bad_lines:
-                raise BadRecordError(f'{path}, line {no}: not a valid {cls.__name__} record ({e}); fix line {no} of '
-                                     f'{Path(path).name} or delete it (that row is then fetched again), and run again') from None
-            bad.append(no); continue
-        recs.append({n: rec.get(n) for n in names})
+            if not skip_bad_lines: raise _bad_line(path, no, cls, e) from None
+            bad.append(no)
     if bad: warnings.warn(f'{path}: skipped {len(bad)} bad line(s): {bad[:10]}')
-    return pd.DataFrame(recs, columns=names), bad
+    return pd.DataFrame(recs, columns=[f.name for f in fields(cls)]), bad
 
 def _records(path:Path, cls, skip_bad_lines=False):
     "The records in the log at `path` as a frame, and the numbers of the bad lines skipped."
@@ -172,35 +187,51 @@ def read_failed(out_dir:str|Path, skip_bad_lines:bool=False, saved:pd.DataFrame|
     return failed[~failed['index'].isin(saved['index'])].reset_index(drop=True)
 
 # %% ../nbs/02b_records.ipynb #81ff9b9c
+def _last_line_end(f) -> int:
+    "Where the last complete line of the open file `f` ends (0 when none), reading back from its end a block at a time."
+    pos = f.seek(0, os.SEEK_END)
+    while pos > 0:
+        step = min(1 << 16, pos); pos -= step
+        f.seek(pos); k = f.read(step).rfind(b'\n')
+        if k >= 0: return pos + k + 1
+    return 0
+
 def repair(out_dir:str|Path) -> int:
     "Cut half-written last lines off the logs in `out_dir`; returns the number of bytes removed."
     removed = 0
     for path in [*_log_paths(out_dir, SAVED_FILE), *_log_paths(out_dir, FAILED_LOG)]:
         if not path.exists(): continue
-        data = path.read_bytes()
-        keep = data.rfind(b'\n') + 1
-        if keep < len(data):
-            with open(path, 'r+b') as f: f.truncate(keep)
-            removed += len(data) - keep
+        with open(path, 'r+b') as f:
+            size, keep = f.seek(0, os.SEEK_END), _last_line_end(f)
+            if keep < size: f.truncate(keep); removed += size - keep
     return removed
 
 # %% ../nbs/02b_records.ipynb #3a3c47a4
 def forget_saved(out_dir:str|Path, indices) -> int:
     "Drop every saved record of `indices` from the saved logs of `out_dir`; returns the lines removed."
-    drop, removed = {int(i) for i in indices}, 0
-    if not drop: return 0
+    import numpy as np
+    drop, removed = np.unique(np.asarray(list(indices) if isinstance(indices, (set, frozenset)) else indices, dtype=np.int64)), 0
+    if not len(drop): return 0
     for path in _log_paths(out_dir, SAVED_FILE):
         if not path.exists(): continue
-        lines = path.read_bytes().split(b'\n')
-        keep = [l for l in lines if not (l.strip() and _index_of(l) in drop)]
-        if len(keep) == len(lines): continue
-        removed += len(lines) - len(keep)
-        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-        with open(tmp, 'wb') as f: f.write(b'\n'.join(keep)); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp, n = path.with_name(f'.{path.name}.{os.getpid()}.tmp'), 0
+        with open(path, 'rb') as src, open(tmp, 'wb') as dst:  # a line at a time: the log may hold a million
+            for line in src:
+                if line.strip() and (i := _index_of(line)) is not None and _among(i, drop): n += 1
+                else: dst.write(line)
+            dst.flush(); os.fsync(dst.fileno())
+        if n: os.replace(tmp, path); removed += n
+        else: os.unlink(tmp)
     return removed
 
+def _among(i, sorted_values) -> bool:
+    import numpy as np
+    return isinstance(i, int) and -2**63 <= i < 2**63 and sorted_values[min(np.searchsorted(sorted_values, i), len(sorted_values) - 1)] == i
+
 def _index_of(line:bytes):
+    if line.startswith(b'{"index":'):  # the writer's own lines: a look at the index, no parse
+        try: return int(line[9:line.index(b',')])
+        except ValueError: pass
     try: return json.loads(line).get('index')
     except (ValueError, AttributeError): return None  # a bad line stays, for the reader to name
 
@@ -232,16 +263,60 @@ def shard_records(out_dir:str|Path, shard:str) -> tuple[list[dict], list[dict]]:
         return [] if df is None else df.to_dict('records')
     return recs(d/SAVED_FILE, Saved), recs(d/FAILED_LOG, Failed)
 
-# %% ../nbs/02b_records.ipynb #c2695643
-def summarize(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFrame|None=None) -> dict:
-    "Counts of the rows of `out_dir`: attempted, saved, failed, failures by type and by HTTP status."
-    if saved is None: saved = read_saved(out_dir)
-    if failed is None: failed = read_failed(out_dir, saved=saved)
-    statuses = failed['status'].dropna().astype(int)
-    return {'attempted': len(saved) + len(failed), 'saved': len(saved), 'failed': len(failed),
-            'by_type': dict(Counter(failed['error_type']).most_common()),
-            'by_status': {str(k): v for k, v in Counter(statuses).most_common()}}
+# %% ../nbs/02b_records.ipynb #7d8e5ba3
+_BLOCK = 2**21  # bytes of a log read at a time: 2 MiB (8 MiB left 60 MB more behind in the allocators, and was no faster)
 
+def _blocks(path:Path, size:int|None=None):
+    "The complete lines of the log at `path`, about `size` bytes at a time: (lines before, byte offset, block)."
+    size = size or _BLOCK
+    try: f = open(path, 'rb')
+    except FileNotFoundError: return
+    with f:
+        rest, before, pos = b'', 0, 0
+        while chunk := f.read(size):
+            data = rest + chunk; cut = data.rfind(b'\n') + 1
+            if not cut: rest = data; continue
+            yield before, pos, data[:cut]
+            before += data.count(b'\n', 0, cut); pos += cut; rest = data[cut:]
+    # what is left in `rest` is a last line without its newline, cut short by a kill: dropped, as by `_records`
+
+def _columns(path, cls, names, skip_bad_lines, bad):
+    "The log at `path` a block at a time, as dicts of numpy arrays: the fields `names`, and `offset` (where each line starts)."
+    import numpy as np
+    for before, pos, block in _blocks(path):
+        nl = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+        starts = pos + np.concatenate([[0], nl[:-1] + 1])
+        t = _table(block, cls, threads=False)
+        if t is not None and t.num_rows == len(nl):  # the fast path: Arrow read every line, and no line is blank
+            yield {**{n: t.column(n).to_numpy(zero_copy_only=False) for n in names}, 'offset': starts}; continue
+        recs, keep = [], []
+        for k, line in enumerate(block.split(b'\n')[:-1]):
+            if not line.strip(): continue
+            try: recs.append(_record(line, cls)); keep.append(k)
+            except ValueError as e:
+                if not skip_bad_lines: raise _bad_line(path, before + k + 1, cls, e) from None
+                bad.append(before + k + 1)
+        cols = {n: np.array([r[n] for r in recs], dtype=np.int64 if n == 'index' else object) for n in names}
+        yield {**cols, 'offset': starts[keep]}
+
+def _latest(index):
+    "Positions of the last occurrence of each value of `index`, in the order of the values."
+    import numpy as np
+    values, first = np.unique(index[::-1], return_index=True)
+    return values, len(index) - 1 - first
+
+def _scan(out_dir, cls, name, names, skip_bad_lines, bad, small:Callable):
+    "The logs `name` of `out_dir` (main log first) a block at a time, each block made `small(cols, log number)`; the logs, and the blocks joined."
+    import numpy as np
+    paths, blocks = _log_paths(out_dir, name), []
+    for k, path in enumerate(paths):
+        b = []
+        for cols in _columns(path, cls, names, skip_bad_lines, b): blocks.append(small(cols, k))
+        if b: warnings.warn(f'{path}: skipped {len(b)} bad line(s): {b[:10]}')
+        bad += [f'{path.name}:{n}' if path.parent != Path(out_dir) else n for n in b]
+    return paths, ({key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]} if blocks else None)
+
+# %% ../nbs/02b_records.ipynb #0de3b583
 _INT_FIELDS = {f.name for f in fields(Failed) if f.type.startswith('int')}
 
 def _json_value(k, v):
@@ -249,22 +324,111 @@ def _json_value(k, v):
     if v is None or (isinstance(v, float) and v != v): return None
     return int(v) if k in _INT_FIELDS or hasattr(v, 'dtype') else v
 
-def write_errors_json(out_dir:str|Path,
-                      saved:pd.DataFrame|None=None,   # `read_saved(out_dir)`, if already read
-                      failed:pd.DataFrame|None=None,  # `read_failed(out_dir)`, if already read
-                     ) -> Path|None:
-    "Rebuild `download_errors.json` from the logs (atomically); None, and no file, when no row is failed."
-    out_dir = Path(out_dir)
+@dataclass
+class Outcomes:
+    "The latest outcome of every row of an output dir, in a few arrays; the failure records stay in their logs."
+    saved: np.ndarray       # indices of the saved rows, sorted
+    names: dict             # the saved rows whose file is not named `{index}.jpg`: index -> file name
+    failed: np.ndarray      # indices of the rows that failed and were not saved since, sorted
+    error_type: np.ndarray  # their error types
+    status: np.ndarray      # their HTTP statuses (float: nan where there was no response)
+    where: np.ndarray       # (log number, byte offset) of their latest failure record
+    logs: list              # the failure logs, as numbered in `where`
+    bad_lines: list         # bad lines skipped (with `skip_bad_lines`)
+
+    def summary(self) -> dict:
+        "Counts as `summarize` gives them."
+        import numpy as np
+        statuses = self.status[~np.isnan(self.status)].astype(int).tolist()
+        return {'attempted': len(self.saved) + len(self.failed), 'saved': len(self.saved), 'failed': len(self.failed),
+                'by_type': dict(Counter(self.error_type.tolist()).most_common()),
+                'by_status': {str(k): v for k, v in Counter(statuses).most_common()}}
+
+    def failures(self) -> Iterator[dict]:
+        "The latest failure record of each failed row, in index order, read back from the logs one at a time."
+        files, names = {}, [f.name for f in fields(Failed)]
+        try:
+            for log, offset in self.where.tolist():
+                f = files.get(log) or files.setdefault(log, open(self.logs[log], 'rb'))
+                f.seek(offset); rec = json.loads(f.readline())
+                yield {n: _json_value(n, rec[n]) for n in names}
+        finally:
+            for f in files.values(): f.close()
+
+# %% ../nbs/02b_records.ipynb #a0a737c0
+def _floats(a):
+    "HTTP statuses as floats, nan for none."
+    import numpy as np
+    if a.dtype != object: return a.astype(float)
+    return np.array([np.nan if v is None else v for v in a.tolist()], dtype=float)
+
+def _saved_small(odd_names:list):
+    "Keep of a block of saved records the indices, and which files are not named `{index}.jpg` (their names go to `odd_names`)."
+    import numpy as np
+    def small(cols, log):
+        names = [str(p).rpartition('/')[2] for p in cols['path'].tolist()]
+        odd = [n != f'{i}.jpg' for i, n in zip(cols['index'].tolist(), names)]
+        odd_names.extend(n for n, o in zip(names, odd) if o)
+        return {'index': cols['index'], 'odd': np.array(odd, dtype=bool)}
+    return small
+
+def _failed_small(types:dict):
+    "Keep of a block of failure records the fields counted, and where each line is; one string object per error type."
+    import numpy as np
+    def small(cols, log):
+        return {'index': cols['index'], 'status': _floats(cols['status']), 'offset': cols['offset'], 'log': np.full(len(cols['index']), log, np.int32),
+                'error_type': np.array([types.setdefault(t, t) for t in cols['error_type'].tolist()], dtype=object)}
+    return small
+
+def read_outcomes(out_dir:str|Path, skip_bad_lines:bool=False) -> Outcomes:
+    "The latest outcome of every row of `out_dir`, read a block at a time: what the start and the end of a run need."
+    import numpy as np
+    bad, odd_names = [], []
+    _, s = _scan(out_dir, Saved, SAVED_FILE, ('index', 'path'), skip_bad_lines, bad, _saved_small(odd_names))
+    saved, names = np.zeros(0, np.int64), {}
+    if s is not None:
+        saved, last = _latest(s['index'])
+        latest = np.zeros(len(s['index']), bool); latest[last] = True
+        names = {int(s['index'][p]): n for p, n in zip(np.flatnonzero(s['odd']).tolist(), odd_names) if latest[p]}
+        del s, last, latest
+    logs, f = _scan(out_dir, Failed, FAILED_LOG, ('index', 'error_type', 'status'), skip_bad_lines, bad, _failed_small({}))
+    if f is None: return Outcomes(saved, names, np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0), np.zeros((0, 2), np.int64), logs, bad)
+    failed, last = _latest(f['index'])
+    last = last[~np.isin(failed, saved)]
+    return Outcomes(saved, names, f['index'][last], f['error_type'][last], f['status'][last],
+                    np.stack([f['log'][last], f['offset'][last]], axis=1).astype(np.int64), logs, bad)
+
+# %% ../nbs/02b_records.ipynb #c2695643
+def summarize(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFrame|None=None) -> dict:
+    "Counts of the rows of `out_dir`: attempted, saved, failed, failures by type and by HTTP status."
+    if saved is None and failed is None: return read_outcomes(out_dir).summary()
     if saved is None: saved = read_saved(out_dir)
     if failed is None: failed = read_failed(out_dir, saved=saved)
+    statuses = failed['status'].dropna().astype(int)
+    return {'attempted': len(saved) + len(failed), 'saved': len(saved), 'failed': len(failed),
+            'by_type': dict(Counter(failed['error_type']).most_common()),
+            'by_status': {str(k): v for k, v in Counter(statuses).most_common()}}
+
+def _write_doc(f, summary:dict, errors:Iterator[dict]):
+    "Write `{'summary': summary, 'errors': [...errors]}` to `f` as `json.dumps(doc, ensure_ascii=False, indent=1)` would, one error at a time."
+    head, tail = json.dumps({'summary': summary, 'errors': [0]}, ensure_ascii=False, indent=1).split('\n  0\n')
+    f.write(head + '\n')
+    for k, e in enumerate(errors):  # an error sits two levels deep: its lines indented by two more spaces (no string holds a raw newline)
+        f.write((',\n  ' if k else '  ') + json.dumps(e, ensure_ascii=False, indent=1).replace('\n', '\n  '))
+    f.write('\n' + tail)
+
+def write_errors_json(out_dir:str|Path,
+                      outcomes:Outcomes|None=None,  # `read_outcomes(out_dir)`, if already read
+                     ) -> Path|None:
+    "Rebuild `download_errors.json` from the logs (atomically, streaming the failures); None, and no file, when no row is failed."
+    out_dir = Path(out_dir)
+    o = read_outcomes(out_dir) if outcomes is None else outcomes
     path = out_dir/ERRORS_FILE
-    if failed.empty:
+    if not len(o.failed):
         path.unlink(missing_ok=True)
         return None
-    errors = [{k: _json_value(k, v) for k, v in rec.items()} for rec in failed.to_dict('records')]
-    doc = {'summary': summarize(out_dir, saved, failed), 'errors': errors}
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding='utf-8')
+    with open(tmp, 'w', encoding='utf-8') as f: _write_doc(f, o.summary(), o.failures())
     os.replace(tmp, path)
     return path
 
