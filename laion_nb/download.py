@@ -290,27 +290,31 @@ async def _host_slot(self:RowPool, url:str):
 @patch
 def _settle(self:RowPool, f:_Flight, rec):
     "Row `f` ended with `rec` (None: the run stopped): record it, unless the backstop took it first; free its slot."
-    with self.lock:
-        taken = self.running.pop(id(f), None) is None
+    with self.lock:  # the record goes out before the row leaves `running`: `join` returns only after the last record
+        if id(f) not in self.running:  # the backstop recorded it (and freed its slot) already
+            if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)
+            return
+        if rec is not None: self._record(rec)
+        del self.running[id(f)]
         if not self.running: self.idle.set()
-    if taken:  # the backstop recorded it (and freed its slot) already
-        if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)
-        return
     self.slots.release()
-    if rec is not None: self._finish(rec)
 
 @patch
 def _finish(self:RowPool, rec):
-    "Pass `rec` to `emit`; a record `emit` fails on becomes an `internal` one."
-    with self.lock:
-        if self.closed:  # the run ended first: no image stays without its record
-            if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)
-            return
-        self.count += 1
-        try: return self.emit(rec)
-        except Exception as e: err = e
-        try: self.emit(internal_failure(rec.index, rec.url, err))
-        except Exception as e: self.broken = self.broken or e  # no record can be written (disk full?): the run stops with it
+    "Pass `rec` to `emit`, under the lock."
+    with self.lock: self._record(rec)
+
+@patch
+def _record(self:RowPool, rec):
+    "Pass `rec` to `emit` (the caller holds the lock); a record `emit` fails on becomes an `internal` one."
+    if self.closed:  # the run ended first: no image stays without its record
+        if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)
+        return
+    self.count += 1
+    try: return self.emit(rec)
+    except Exception as e: err = e
+    try: self.emit(internal_failure(rec.index, rec.url, err))
+    except Exception as e: self.broken = self.broken or e  # no record can be written (disk full?): the run stops with it
 
 # %% ../nbs/03_download.ipynb #80db5d98
 @patch
