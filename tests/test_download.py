@@ -265,3 +265,16 @@ def test_resume_and_end_hold_no_python_object_per_row(tmp_path, monkeypatch):
         peaks.append(_python_peak(lambda: (done_indices(out), records.write_errors_json(out))))
     per_row = (peaks[1] - peaks[0]) / 30_000
     assert per_row < 100, f'{per_row:.0f} bytes of Python memory per row'  # 54 measured; sets of ints and of file names took 375
+
+
+def test_run_rows_returns_only_after_the_last_record(server, tmp_path):
+    "A slow `emit` (a busy disk): when run_rows returns, every row's record has been passed to it, none comes later."
+    from laion_nb.download import run_rows
+    got = []
+    def emit(rec): time.sleep(0.02); got.append(rec.index)
+    cfg = DownloadConfig(output_dir=tmp_path, threads=16, timeout=5, retries=0, allow_private_networks=True)
+    rows = [(k, server.url(f'img/{k}.jpg'), 'x') for k in range(60)]
+    n = run_rows(cfg, rows, emit)
+    seen = len(got)
+    time.sleep(0.5)  # anything still on its way would land here
+    assert (n, seen, len(got), sorted(got)) == (60, 60, 60, list(range(60)))
