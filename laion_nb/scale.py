@@ -119,7 +119,7 @@ def _drive(cfg, client, shard_size, progress, out, n_rows, t0) -> DownloadReport
     "The body of `download_on_dask`, under the output dir's lock."
     from dask.distributed import wait
     records.merge_shards(out)  # what a stopped run's shards recorded
-    done = np.array(sorted(done_indices(out, cfg.retry_failed)), dtype=np.int64)
+    done = done_indices(out, cfg.retry_failed)  # sorted int64 already
     skipped = int(np.searchsorted(done, n_rows))
     work = []
     for sh in plan_shards(n_rows, shard_size):
