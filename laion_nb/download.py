@@ -47,7 +47,7 @@ class DownloadConfig:
     max_samples:int|None=None      # the first N rows of the dump (None: all)
     timeout:float=10.0             # seconds per attempt of a URL, name lookup to last byte
     retries:int=3                  # extra attempts after a transient failure
-    threads:int=64                 # requests in flight per process
+    threads:int=512                # requests in flight per process (a second each on the web: see the pool)
     processes:int|None=None        # worker processes (None: one per core when there are 1,000+ rows to fetch)
     per_host:int=32                # requests in flight per host per process
     resize:int|None=None           # shrink images to at most this many px, as `resize_mode` says; never enlarge (None: keep)
@@ -250,6 +250,14 @@ class _Flight:
     def __init__(self, row): self.row, self.task, self.t0, self.abandoned = row, None, None, False
     def is_set(self) -> bool: return self.abandoned  # a flight is its own abort flag (`write_atomic` asks it)
 
+def _enough_files(n:int):
+    "Raise this process's open-file limit to `n` if it is lower and the hard limit allows (1,024 is a common default)."
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < n: resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+    except (ImportError, ValueError, OSError): pass  # Windows, or a limit we may not change: the run goes on with what it has
+
 # %% ../nbs/03_download.ipynb #5daf1bde
 class RowPool:
     "Rows as tasks on one event loop thread: up to `cfg.threads` in flight, `cfg.per_host` per host; one record per row."
@@ -261,6 +269,7 @@ class RowPool:
         self.slots = threading.Semaphore(cfg.threads)  # rows in flight: `put` waits for one
         self.running, self.hosts = {}, {}  # id -> _Flight; host -> [its semaphore, rows holding or awaiting it]
         self.count, self.closed, self.broken, self._ticked, self._ended = 0, False, None, 0.0, False
+        _enough_files(2 * cfg.threads + 256)  # a connection each, the kept ones, the files written
         self.checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix='laion_nb-check')
         self.loop = asyncio.new_event_loop()
         self.loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix='laion_nb-lookup'))  # name lookups
@@ -825,7 +834,7 @@ def _parser() -> argparse.ArgumentParser:
     a('--max-samples', type=int, default=None, help='download the first N rows only (default: all)')
     a('--timeout', type=_seconds, default=10.0, help='seconds per attempt of a URL, name lookup to last byte (default: %(default)s)')
     a('--retry', type=int, default=3, help='extra attempts after a transient failure: timeout, reset, 429, 5xx (default: %(default)s)')
-    a('--threads', type=int, default=64, help='requests in flight per process (default: %(default)s)')
+    a('--threads', type=int, default=512, help='requests in flight per process (default: %(default)s)')
     a('--processes', type=int, default=None, help='worker processes (default: one per core for 1,000+ rows)')
     a('--per-host', type=int, default=32, help='requests in flight per host per process (default: %(default)s)')
     a('--resize', type=int, default=None, help='shrink images to at most N px as --resize-mode says; never enlarges them (default: keep the size)')

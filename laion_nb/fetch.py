@@ -20,8 +20,8 @@ import laion_nb
 from .errors import SampleError
 
 # %% auto #0
-__all__ = ['USER_AGENT', 'OPT_OUT_TAGS', 'MAX_TIMEOUT', 'MAX_RETRIES', 'FetchConfig', 'public_address', 'split_url', 'Resolver',
-           'opted_out', 'Headers', 'tls_context', 'Fetcher', 'Fetched', 'backoff_delay']
+__all__ = ['USER_AGENT', 'OPT_OUT_TAGS', 'MAX_TIMEOUT', 'MAX_RETRIES', 'TLS_READ_BUFFER', 'FetchConfig', 'public_address',
+           'split_url', 'Resolver', 'opted_out', 'Headers', 'tls_context', 'Fetcher', 'Fetched', 'backoff_delay']
 
 # %% ../nbs/01_fetch.ipynb #5d86e3ae
 USER_AGENT = f'laion_nb/{laion_nb.__version__} (+https://github.com/laion-nb/laion_nb; image-text dataset downloader)'
@@ -409,6 +409,10 @@ def tls_context(ca:str|None=None) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(ca)
     return ctx
+
+# %% ../nbs/01_fetch.ipynb #d9e8c450
+TLS_READ_BUFFER = 64 * 1024  # bytes of read buffer per TLS connection (asyncio's own: 256 KiB)
+asyncio.sslproto.SSLProtocol.max_size = min(asyncio.sslproto.SSLProtocol.max_size, TLS_READ_BUFFER)
 
 # %% ../nbs/01_fetch.ipynb #bc8eb2c7
 class Fetcher:
