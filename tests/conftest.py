@@ -5,6 +5,7 @@ rows) and download them with short timeouts, so no test waits on a deadline it d
 `slow` marks the tests that still take more than a few seconds (a kernel, a browser, the whole
 demo command); `pytest -m "not slow"` leaves them out, the README's plain `pytest` runs them all.
 """
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ QUICK = dict(timeout=2, retries=1, allow_private_networks=True)  # download sett
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: takes more than a few seconds (a kernel, a browser, a whole run)')
+    # Several tests play a terminal's Ctrl-C (SIGINT to the suite, or to a command's process group). A
+    # shell that starts the suite in the background (`cmd &` without job control) hands it SIGINT
+    # ignored, and every child inherits that: those tests would then test nothing. Restore what a
+    # terminal gives (a Python handler, which children started by exec get back as the default).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN: signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope='session')

@@ -49,7 +49,7 @@ def test_million_rows_render_one_page(tmp_path):
     n, page = 1_000_000, 24
     for k in range(5): write_image(tmp_path/'images'/f'{k}.jpg', k)
     template = '{{"index":{i},"path":"images/{k}.jpg","url":"http://h{h}.test/{i}.jpg","caption":"caption {i}",' \
-               '"width":200,"height":150,"bytes":1000,"sha256":""}}\n'
+               '"width":200,"height":150,"bytes":1000,"sha256":"","original_width":null,"original_height":null}}\n'
     with records.RecordLog(tmp_path/'check') as log:  # the fast writer below writes what RecordLog writes
         log.saved(records.Saved(7, 'images/2.jpg', 'http://h7.test/7.jpg', 'caption 7', 200, 150, 1000, ''))
     assert json.loads(template.format(i=7, k=2, h=7)) == json.loads((tmp_path/'check'/records.SAVED_FILE).read_text())
