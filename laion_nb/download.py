@@ -11,13 +11,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
-from urllib.parse import urlsplit
 
 from fastcore.basics import patch
 
 from . import records
 from .errors import SampleError, is_transient
 from .fetch import MAX_TIMEOUT, FetchConfig, Fetched, Fetcher
+from .io import host as io_host
 from .images import ImageRules, check_image
 
 # %% auto #0
@@ -277,15 +277,11 @@ class RowPool:
         self.thread.start()
 
 # %% ../nbs/03_download.ipynb #485054da
-def _host(url:str) -> str:
-    try: return urlsplit(url).hostname or ''
-    except ValueError: return ''
-
 @patch
 @asynccontextmanager
 async def _host_slot(self:RowPool, url:str):
     "Hold one of the `per_host` slots of `url`'s host while the block runs (on the loop thread)."
-    host = _host(url)
+    host = io_host(url)  # the host the connection goes to, as fetch sees it
     h = self.hosts.get(host)
     if h is None: h = self.hosts[host] = [asyncio.Semaphore(self.cfg.per_host), 0]
     h[1] += 1
