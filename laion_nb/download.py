@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 from fastcore.basics import patch
 
 from . import records
-from .errors import SampleError, is_transient
+from .errors import LaionNbError, SampleError, is_transient
 from .fetch import MAX_TIMEOUT, FetchConfig, Fetched, Fetcher
 from .io import host as io_host
 from .images import ImageRules, check_image
@@ -669,7 +669,7 @@ def _run_processes(cfg:DownloadConfig, rows, on_record:Callable, n:int,
 # %% ../nbs/03_download.ipynb #bd9d0e9e
 LOCK_FILE = '.laion_nb.lock'
 
-class OutputBusy(ValueError):
+class OutputBusy(LaionNbError, ValueError):
     "Another run is writing this output dir."
 
 _locks = {}  # output dir (resolved) -> (its open lock file, the thread whose run holds it)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['ERROR_TYPES', 'TRANSIENT_TYPES', 'is_transient', 'SampleError', 'LaionNbError']
+__all__ = ['ERROR_TYPES', 'TRANSIENT_TYPES', 'is_transient', 'SampleError', 'LaionNbError', 'MissingExtra']
 
 # %% ../nbs/00b_errors.ipynb #349de592
 ERROR_TYPES = (
@@ -48,3 +48,6 @@ class SampleError(Exception):
 # %% ../nbs/00b_errors.ipynb #8441bc90
 class LaionNbError(Exception):
     "A run, not a row, cannot go on: bad input, a busy output dir, a missing extra. Its message says what to do."
+
+class MissingExtra(LaionNbError, ImportError):
+    "An optional extra of laion_nb is not installed; the message says which one to install."

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .errors import LaionNbError
+
 # %% auto #0
 __all__ = ['META_DIRS', 'META_SUFFIXES', 'URL_COLUMNS', 'CAPTION_COLUMNS', 'EMBEDDING_KINDS', 'EMBEDDING_DIRS', 'DumpError',
            'shard_digits', 'is_meta_dir', 'Shards', 'find_shards', 'pick_column', 'Row', 'Dump', 'batches', 'rows',
@@ -23,7 +25,7 @@ __all__ = ['META_DIRS', 'META_SUFFIXES', 'URL_COLUMNS', 'CAPTION_COLUMNS', 'EMBE
            'summary']
 
 # %% ../nbs/00_metadata.ipynb #2d1f6a0b
-class DumpError(ValueError):
+class DumpError(LaionNbError, ValueError):
     "A dump that cannot be read as it is; the message names the path and what is wrong."
 
 _SUFFIXES = r'(?:\.(?:snappy|gz|gzip|zstd|zst|lz4|brotli))?\.(?:parquet|npy)$'

@@ -10,6 +10,8 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .errors import LaionNbError
+
 # %% auto #0
 __all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'escape_line_breaks', 'RecordLog',
            'BadRecordError', 'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards', 'shard_records',
@@ -89,7 +91,7 @@ class RecordLog:
     def __exit__(self, *exc): self.close()
 
 # %% ../nbs/02b_records.ipynb #7e11a24d
-class BadRecordError(ValueError):
+class BadRecordError(LaionNbError, ValueError):
     "A line of a record file that is not a valid record; the message names the file and line."
 
 def _schema(cls):

@@ -14,10 +14,10 @@ import numpy as np
 from . import records
 from .download import (DownloadConfig, DownloadReport, done_indices, end_run, open_run, pending_rows, run_rows,
                                unlock_output, _progress)
-from .errors import ERROR_TYPES, is_transient
+from .errors import ERROR_TYPES, MissingExtra, is_transient
 
 # %% auto #0
-__all__ = ['SHARD_SIZE', 'Shard', 'plan_shards', 'run_shard', 'ShardTail', 'MissingExtra', 'need_dask', 'download_on_dask']
+__all__ = ['SHARD_SIZE', 'Shard', 'plan_shards', 'run_shard', 'ShardTail', 'need_dask', 'download_on_dask']
 
 # %% ../nbs/07_scale.ipynb #5e650149
 SHARD_SIZE = 10_000  # rows per shard by default
@@ -83,9 +83,6 @@ class ShardTail:
         return new
 
 # %% ../nbs/07_scale.ipynb #cb507a3f
-class MissingExtra(ImportError, ValueError):
-    "An optional extra of laion_nb is not installed; the message says how to install it."
-
 def need_dask():
     "`dask.distributed`, or `MissingExtra` saying how to install it."
     try: import dask.distributed
