@@ -13,9 +13,9 @@ from typing import Callable, Iterator
 from .errors import LaionNbError
 
 # %% auto #0
-__all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'escape_line_breaks', 'RecordLog',
-           'BadRecordError', 'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards', 'shard_records',
-           'Outcomes', 'read_outcomes', 'summarize', 'write_errors_json', 'read_errors_json']
+__all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'outcome', 'escape_line_breaks',
+           'RecordLog', 'BadRecordError', 'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards',
+           'shard_records', 'Outcomes', 'read_outcomes', 'summarize', 'write_errors_json', 'read_errors_json']
 
 # %% ../nbs/02b_records.ipynb #21c35276
 SAVED_FILE = 'image_paths.jsonl'      # one line per saved image
@@ -47,6 +47,12 @@ class Failed:
     status: int|None # HTTP status when there was a response
     message: str     # what went wrong, for people
     attempts: int    # how many times it was tried in this run
+
+# %% ../nbs/02b_records.ipynb #f0c47a53
+def outcome(rec) -> str:
+    "'saved', or the error type of a failed row: for a `Saved`/`Failed`, a dict from a log, or a frame's row."
+    kind = rec.get('error_type') if hasattr(rec, 'get') else getattr(rec, 'error_type', None)
+    return kind if isinstance(kind, str) and kind else 'saved'
 
 # %% ../nbs/02b_records.ipynb #d21e7886
 # JSON leaves these raw inside strings, but `str.splitlines()` (and so many a JSONL reader) breaks lines at them
