@@ -215,8 +215,7 @@ _NEEDED = {Saved: {f.name for f in fields(Saved) if f.default is not None}, Fail
 
 def _part_records(key:str, data:bytes, url:str):
     "The records of one part as (Saved or Failed, dict) pairs in write order, and whether its last line was cut short."
-    torn = not data.endswith(b'\n') and bool(data)
-    if torn: data = data[:data.rfind(b'\n') + 1]  # a half-written last line: never a record
+    torn = not data.endswith(b'\n') and bool(data)  # a half-written last line: never a record (the split leaves it last)
     out = []
     for no, line in enumerate(data.split(b'\n')[:-1], 1):
         if not line.strip(): continue
