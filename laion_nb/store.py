@@ -16,9 +16,9 @@ from . import records
 from .records import Failed, Saved
 
 # %% auto #0
-__all__ = ['EXTRAS', 'PARTS_DIR', 'TARS_DIR', 'IMAGES_DIR', 'BadLocation', 'Store', 'open_store', 'PartWriter', 'RunRecords',
-           'committed_shards', 'read_parts', 'image_indices', 'Resume', 'resume', 'finalize', 'TarShardWriter',
-           'list_shards']
+__all__ = ['EXTRAS', 'PARTS_DIR', 'TARS_DIR', 'IMAGES_DIR', 'BadLocation', 'Store', 'open_store', 'Unwritable', 'PartWriter',
+           'RunRecords', 'committed_shards', 'read_parts', 'image_indices', 'Resume', 'resume', 'finalize',
+           'TarShardWriter', 'list_shards']
 
 # %% ../nbs/09_store.ipynb #6d5fb895
 _URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]+)://')        # scheme://...: never a local folder
@@ -74,7 +74,7 @@ class Store:
         self.location = str(location)
 
     def __repr__(self): return f'Store({self.url_of("")!r})'
-    def __reduce__(self): return (Store, (self.location, self.storage_options or None))  # Dask ships the location, not a live client
+    def __reduce__(self): return (Store, (self.root if self.local else self.location, self.storage_options or None))  # Dask ships the location, not a live client
 
 # %% ../nbs/09_store.ipynb #4c50d10a
 def _key(rel:str) -> str:
@@ -171,6 +171,18 @@ def open_store(location:str|Path|Store,             # a local path, a URL (s3://
                storage_options:dict|None=None) -> Store:  # for the fsspec filesystem: credentials, endpoint_url, ...
     "The `Store` of an output location."
     return location if isinstance(location, Store) else Store(location, storage_options)
+
+# %% ../nbs/09_store.ipynb #3cc3ee72
+class Unwritable(LaionNbError, OSError):
+    "The store cannot be written: the message names the location and what the backend said."
+
+@patch
+def check(self:Store) -> Store:
+    "Write and delete one small object, or raise `Unwritable` saying why; the store itself."
+    key = f'.check-{uuid.uuid4().hex[:8]}.tmp' if self.local else f'_check-{uuid.uuid4().hex[:8]}'  # locally, a temporary's name
+    try: self.put(key, b''); self.delete(key)
+    except Exception as e: raise Unwritable(f'{self.url_of("")}: cannot write there ({type(e).__name__}: {e})') from None
+    return self
 
 # %% ../nbs/09_store.ipynb #26ee7925
 PARTS_DIR = '_parts'  # {shard}/{seq:06d}-{uuid8}.jsonl: the records of a run on an object store, one immutable object per flush

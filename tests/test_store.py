@@ -11,7 +11,7 @@ import pytest
 from laion_nb import records
 from laion_nb.errors import LaionNbError, MissingExtra
 from laion_nb.records import Failed, Saved
-from laion_nb.store import (PARTS_DIR, TARS_DIR, BadLocation, PartWriter, Store, TarShardWriter, _objects, finalize,
+from laion_nb.store import (PARTS_DIR, TARS_DIR, BadLocation, PartWriter, Store, TarShardWriter, Unwritable, _objects, finalize,
                             list_shards, open_store, read_parts, resume)
 
 from conftest import download_quick
@@ -71,7 +71,16 @@ def test_put_list_read_on_s3(run_url, tmp_path):
     s.delete('images/1.jpg'); s.delete('images/1.jpg')
     assert s.list('images') == ['images/10.jpg', 'images/2.jpg']
     assert pickle.loads(pickle.dumps(s)).get('images/2.jpg') == b'jpeg 2'  # what a Dask worker receives
+    local = open_store(Path(os.path.relpath(tmp_path)))
+    assert pickle.loads(pickle.dumps(local)).root == str(tmp_path)  # an absolute path, whatever the worker's cwd
     assert not any(p.name.startswith('s3') for p in Path.cwd().iterdir())  # and no local folder named 's3:'
+
+
+def test_check_fails_early_on_a_missing_bucket(s3, run_url):
+    "A run learns at its start that its bucket does not exist; a good one is checked and left as it was."
+    with pytest.raises(Unwritable, match='nobucket-here.*does not exist'): open_store('s3://nobucket-here/run').check()
+    s = open_store(run_url).check()
+    assert s.list() == []
 
 
 def test_storage_options_reach_the_client(s3, monkeypatch):
