@@ -150,6 +150,13 @@ def delete(self:Store, rel:str):
 
 Store.open = _open  # not @patch: a module-level `open` would hide the builtin
 
+@patch
+def get_many(self:Store, rels:list) -> dict:
+    "The contents of the keys `rels`, as {key: bytes}: fetched concurrently from an object store (fsspec's batched `cat`)."
+    if self.local: return {k: self.get(k) for k in rels}
+    got = self.fs.cat([self.path(k) for k in rels]) if rels else {}
+    return {k: got[self.path(k)] for k in rels}
+
 # %% ../nbs/09_store.ipynb #94294ed1
 def _temporary(name:str) -> bool: return name.startswith('.') and name.endswith('.tmp')
 
@@ -240,6 +247,30 @@ def _part_records(key:str, data:bytes, url:str):
         out.append((cls, {n: rec.get(n) for n in (_FAILED if cls is Failed else _SAVED)}))
     return out, torn
 
+# %% ../nbs/09_store.ipynb #7c08a725
+def _schema(names:list):
+    import pyarrow as pa
+    ints = {f.name for f in (*fields(Saved), *fields(Failed)) if f.type.startswith('int')}
+    return pa.schema([(n, pa.int64() if n in ints else pa.string()) for n in names])
+
+_ALL = list(dict.fromkeys(_SAVED + _FAILED))
+
+def _part_tables(key:str, data:bytes, url:str):
+    "The saved and the failed records of one part as two Arrow tables in write order, and whether its last line was cut short."
+    import pyarrow as pa, pyarrow.compute as pc, pyarrow.json as pj
+    torn = not data.endswith(b'\n') and bool(data)
+    data = data[:data.rfind(b'\n') + 1]
+    try:
+        t = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(explicit_schema=_schema(_ALL), unexpected_field_behavior='ignore'))
+        bad = pc.is_valid(t['error_type'])
+        s, f = t.filter(pc.invert(bad)).select(_SAVED), t.filter(bad).select(_FAILED)
+        if not any(x[n].null_count for x, cls in ((s, Saved), (f, Failed)) for n in _NEEDED[cls]): return s, f, torn
+    except (pa.ArrowException, ValueError): pass
+    recs, _ = _part_records(key, data, url)  # names the bad line, if there is one
+    try: return tuple(pa.Table.from_pylist([r for c, r in recs if c is cls], schema=_schema(names))
+                      for cls, names in ((Saved, _SAVED), (Failed, _FAILED))) + (torn,)
+    except (pa.ArrowException, ValueError) as e: raise records.BadRecordError(f'{url}: a field of the wrong type ({e})') from None
+
 # %% ../nbs/09_store.ipynb #0fdce65b
 TARS_DIR = 'webdataset'  # {name}.tar and {name}.parquet of the WebDataset output: the parquet, written last, commits the tar
 
@@ -275,11 +306,10 @@ def committed_shards(store:Store) -> list[str]:
     return sorted(k[len(TARS_DIR) + 1:-8] for k in keys if k.endswith('.parquet') and k[:-8] + '.tar' in keys)
 
 # %% ../nbs/09_store.ipynb #5ef36207
-def _frame(rows:list, names:list):
-    "The latest of `rows` (dicts in write order) per index, sorted by index, as a frame with the columns `names`."
-    import pandas as pd
-    df = pd.DataFrame(rows, columns=names)
-    if not len(df): return df.astype({'index': 'int64'})
+def _frame(tables:list, names:list):
+    "The latest of the records in `tables` (Arrow, in write order) per index, sorted by index, as a frame with the columns `names`."
+    import pyarrow as pa
+    df = pa.concat_tables([t.cast(_schema(names)) for t in tables] or [_schema(names).empty_table()]).to_pandas()
     return df.drop_duplicates('index', keep='last').sort_values('index', kind='stable').reset_index(drop=True)
 
 def _part_order(key:str):
@@ -293,12 +323,13 @@ def read_parts(store:Store|str) -> RunRecords:
     store = open_store(store)
     saved, failed, torn = [], [], []
     parts = sorted((k for k in store.list(PARTS_DIR) if k.endswith('.jsonl')), key=_part_order)
-    for key in parts:
-        recs, cut = _part_records(key, store.get(key), store.url_of(key))
-        if cut: torn.append(key)
-        for cls, rec in recs: (failed if cls is Failed else saved).append(rec)
+    for at in range(0, len(parts), 256):  # a few hundred GETs in flight at a time
+        for key, data in store.get_many(parts[at:at + 256]).items():
+            s, f, cut = _part_tables(key, data, store.url_of(key))
+            saved.append(s); failed.append(f)
+            if cut: torn.append(key)
     for key in committed_shards(store):
-        with store.open(f'{TARS_DIR}/{key}.parquet') as f: saved += pq.read_table(f).select(_SAVED).to_pylist()
+        with store.open(f'{TARS_DIR}/{key}.parquet') as f: saved.append(pq.read_table(f).select(_SAVED))
         parts.append(f'{TARS_DIR}/{key}.parquet')
     return RunRecords(_frame(saved, _SAVED), _frame(failed, _FAILED), parts, torn)
 
