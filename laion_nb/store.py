@@ -195,38 +195,59 @@ def check(self:Store) -> Store:
 PARTS_DIR = '_parts'  # {shard}/{seq:06d}-{uuid8}.jsonl: the records of a run on an object store, one immutable object per flush
 
 class PartWriter:
-    "A record sink like `records.RecordLog` that writes immutable part objects: every `every` records, every `seconds`, and on close."
+    "A record sink like `records.RecordLog` that writes immutable part objects: every `every` records, after `seconds`, and on close."
     def __init__(self, store:Store, shard:str,   # the run's store; the shard whose rows this writer records
                  every:int=500,                  # records per part at most
-                 seconds:float=30.0):            # a part is written at the first record after this long, even if short
+                 seconds:float=30.0):            # no record is held longer than this (a thread writes the part)
         self.store, self.shard, self.every, self.seconds = open_store(store), str(shard), every, seconds
         done = [k.rpartition('/')[2] for k in self.store.list(f'{PARTS_DIR}/{self.shard}')]
         self.seq = 1 + max((int(n[:6]) for n in done if n[:6].isdigit()), default=-1)  # a resumed shard goes on after its parts
-        self.lines, self.t0, self.parts, self.lock = [], time.monotonic(), [], threading.Lock()
+        self.lines, self.oldest, self.parts, self.lock = [], 0.0, [], threading.Lock()
+        self.error, self.stop, self.timer = None, threading.Event(), None
 
     def _add(self, rec):
         with self.lock:
+            if self.error: raise self.error  # the timer's last write failed: the run hears of it
+            if not self.lines: self.oldest = time.monotonic()
             self.lines.append(jsonl_line(vars(rec)))
-            if len(self.lines) >= self.every or time.monotonic() - self.t0 >= self.seconds: self._flush()
+            if len(self.lines) >= self.every: self._flush()
+            if self.timer is None: self.timer = threading.Thread(target=self._tick, daemon=True, name=f'parts-{self.shard}'); self.timer.start()
 
     def saved(self, rec:Saved): self._add(rec)
     def failed(self, rec:Failed): self._add(rec)
 
-    def _flush(self):
-        self.t0 = time.monotonic()
-        if not self.lines: return None
-        key = f'{PARTS_DIR}/{self.shard}/{self.seq:06d}-{uuid.uuid4().hex[:8]}.jsonl'
-        self.store.put(key, ''.join(self.lines), fsync=True)
-        self.seq += 1; self.lines = []; self.parts.append(key)
-        return key
+# %% ../nbs/09_store.ipynb #b5971d5f
+@patch
+def _flush(self:PartWriter):
+    if not self.lines: return None
+    key = f'{PARTS_DIR}/{self.shard}/{self.seq:06d}-{uuid.uuid4().hex[:8]}.jsonl'
+    self.store.put(key, ''.join(self.lines), fsync=True)  # raises before anything is forgotten
+    self.seq += 1; self.lines = []; self.parts.append(key)
+    return key
 
-    def flush(self) -> str|None:
-        "Write the records held as one part now; its key, or None when none were held."
-        with self.lock: return self._flush()
+@patch
+def _tick(self:PartWriter):
+    "The timer: write what has been held `seconds`, until `close`."
+    while not self.stop.wait(min(self.seconds, 1.0)):
+        with self.lock:
+            if self.lines and time.monotonic() - self.oldest >= self.seconds:
+                try: self._flush(); self.error = None
+                except Exception as e: self.error = e  # kept, and tried again at the next tick
 
-    def close(self): self.flush()
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()  # what it holds is true whatever stopped the block: each image was put before its record
+@patch
+def flush(self:PartWriter) -> str|None:
+    "Write the records held as one part now; its key, or None when none were held."
+    with self.lock: return self._flush()
+
+@patch
+def close(self:PartWriter):
+    "Stop the timer and write what is held."
+    self.stop.set()
+    if self.timer is not None: self.timer.join()
+    self.flush()
+
+PartWriter.__enter__ = lambda self: self
+PartWriter.__exit__ = lambda self, *exc: self.close()  # what it holds is true whatever stopped the block: each image was put before its record
 
 # %% ../nbs/09_store.ipynb #369136f2
 _SAVED, _FAILED = [f.name for f in fields(Saved)], [f.name for f in fields(Failed)]

@@ -114,6 +114,18 @@ def test_parts_of_two_shards_merge(run_url):
     assert r.torn == []
 
 
+def test_timer_writes_a_slow_shards_records(run_url):
+    "A record held `seconds` goes out on its own, with no record after it: a shard of slow hosts still has its records written."
+    s = open_store(run_url)
+    w = PartWriter(s, '0000', every=1000, seconds=0.3)
+    w.saved(saved(0)); w.failed(failed(1))
+    deadline = time.monotonic() + 10
+    while not s.list(PARTS_DIR) and time.monotonic() < deadline: time.sleep(0.1)
+    assert len(s.list(PARTS_DIR)) == 1 and w.lines == []
+    w.failed(failed(2)); w.close()
+    assert read_parts(s).failed['index'].tolist() == [1, 2] and not w.timer.is_alive()
+
+
 CHILD = r'''
 import sys, time
 from laion_nb.records import Saved
