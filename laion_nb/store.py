@@ -34,7 +34,7 @@ def _protocol(location:str) -> str|None:
     if m := _NEAR_URL.match(location):
         scheme, rest = m.group(1), location[m.end():].lstrip('/')
         raise BadLocation(f'{location!r} looks like a URL with a slash missing: did you mean {scheme}://{rest}? '
-                          f'(a local folder with a colon in its name: write ./{location})')
+                          f'(a local folder with a colon in its name: write ./{location}, or its absolute path)')
     return None
 
 # %% ../nbs/09_store.ipynb #8ff941e5
@@ -62,7 +62,7 @@ class Store:
     def __init__(self, location:str|Path,             # a local path, or a URL: s3://bucket/prefix, gs://..., memory://...
                  storage_options:dict|None=None):     # passed to the fsspec filesystem (credentials, endpoint_url, ...)
         self.storage_options = dict(storage_options or {})
-        proto = None if isinstance(location, Path) else _protocol(str(location))
+        proto = _protocol(str(location))  # a Path too: Path('s3://b/run') is 's3:/b/run', and must not become a folder
         if proto == 'file': location, proto = str(location)[len('file://'):], None
         self.local = proto is None
         if self.local:
@@ -146,7 +146,9 @@ def delete(self:Store, rel:str):
     if self.local:
         try: os.unlink(self.path(rel))
         except FileNotFoundError: pass
-    elif self.exists(rel): self.fs.rm_file(self.path(rel))
+    else:
+        try: self.fs.rm_file(self.path(rel))  # S3 answers a delete of a missing key with success; others raise
+        except FileNotFoundError: pass
 
 Store.open = _open  # not @patch: a module-level `open` would hide the builtin
 

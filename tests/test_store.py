@@ -238,10 +238,43 @@ def test_tar_shards_read_back(run_url):
         assert json.loads(sample['json'])['index'] == i and sample['jpg'] == _jpeg(i % 8)
 
 
+TAR_CHILD = r'''
+import sys, time
+from laion_nb.records import Saved
+from laion_nb.store import PartWriter, Store, TarShardWriter
+store = Store(sys.argv[1])
+with PartWriter(store, '00001', every=2) as w, TarShardWriter(store, '00001') as t:
+    for i in range(10, 16):
+        if i % 3: t.add(Saved(i, '', f'https://img.example.com/{i}.jpg', 'c', 64, 48, 4, 'ab', 64, 48), b'jpeg')
+        else: w.failed(Failed(i, f'https://img.example.com/{i}.jpg', 'http_status', 404, 'Not Found', 1))
+    print('ready', flush=True); time.sleep(60)
+'''.replace('import Saved', 'import Failed, Saved')
+
+def test_worker_killed_mid_shard(run_url):
+    "A WebDataset writer killed mid-shard publishes nothing: its saved rows are not done, its failures are; a tar cut off before its parquet is listed and overwritten."
+    s = open_store(run_url)
+    with TarShardWriter(s, '00000') as t: t.add(saved(0), b'jpeg')
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    p = subprocess.Popen([sys.executable, '-c', TAR_CHILD, run_url], stdout=subprocess.PIPE, text=True, env=env)
+    try: assert p.stdout.readline().strip() == 'ready'
+    finally: p.send_signal(signal.SIGKILL); p.wait(10); p.stdout.close()
+    res = resume(s)
+    assert res.done.tolist() == [0, 12, 15] and res.uncommitted == []  # the failures were flushed; no sample of the shard was published
+    assert s.list(TARS_DIR) == [f'{TARS_DIR}/00000.parquet', f'{TARS_DIR}/00000.tar']
+    s.put(f'{TARS_DIR}/00001.tar', b'cut off before its commit')  # what a kill between the tar and its parquet leaves
+    assert resume(s).uncommitted == ['00001'] and [x['samples'] for x in list_shards(s)] == [1]
+    with TarShardWriter(s, '00001') as t:
+        assert t.name == '00001'  # not committed: its name is taken again, the tar overwritten
+        for i in (10, 11, 13, 14): t.add(saved(i), b'jpeg')
+    res = resume(s)
+    assert res.uncommitted == [] and res.done.tolist() == [0, 10, 11, 12, 13, 14, 15]
+    assert [x['samples'] for x in list_shards(s)] == [1, 4]
+
+
 def test_url_shaped_paths_never_become_folders(tmp_path, monkeypatch):
     "A URL, or a URL with a slash missing, is never a local folder: `s3:/b/run` is a clear error and nothing is created."
     monkeypatch.chdir(tmp_path)
-    for typo in ('s3:/bucket/run', str(Path('s3://bucket/run')), 'gs:bucket/run'):
+    for typo in ('s3:/bucket/run', Path('s3://bucket/run'), 'gs:bucket/run'):
         with pytest.raises(BadLocation, match='did you mean'): open_store(typo)
     with pytest.raises(BadLocation, match="no storage backend knows the scheme 'nope'"): open_store('nope://bucket/run')
     s = open_store('memory://bucket/run'); s.put('images/1.jpg', b'x')
