@@ -37,7 +37,8 @@ class FetchConfig:
     max_redirects:int=5            # more redirects than this are refused (`too_many_redirects`)
     respect_opt_out:bool=True      # refuse responses whose X-Robots-Tag says noai or noimageai
     allow_private_networks:bool=False # fetch from private, loopback and link-local addresses too
-    backoff:float=0.5              # seconds before the first retry, doubled each time, with jitter
+    backoff:float=0.1              # seconds before the first retry, doubled each time, with jitter
+    backoff_busy:float=1.0         # the same after a 429 or 503 without Retry-After: the server asked for less
     max_backoff:float=10.0         # the longest wait before a retry, Retry-After included
     kept_connections:int=256       # idle keep-alive connections kept for reuse (all hosts); the least recently used close first
     user_agent:str=USER_AGENT
@@ -51,7 +52,7 @@ class FetchConfig:
         if not isinstance(self.retries, numbers.Integral) or not 0 <= self.retries <= MAX_RETRIES:
             raise ValueError(f'retries must be a whole number >= 0 and <= {MAX_RETRIES}, got {self.retries!r}')
         if not 0 < self.max_bytes < math.inf: raise ValueError(f'max_bytes must be > 0 and finite, got {self.max_bytes!r}')
-        number('backoff', 0, MAX_TIMEOUT); number('max_backoff', 0, MAX_TIMEOUT)
+        number('backoff', 0, MAX_TIMEOUT); number('backoff_busy', 0, MAX_TIMEOUT); number('max_backoff', 0, MAX_TIMEOUT)
 
 # %% ../nbs/01_fetch.ipynb #95fad260
 _NAT64 = ipaddress.ip_network('64:ff9b::/96')
@@ -614,10 +615,13 @@ async def _hops(self:Fetcher, url:str, at:_Attempt) -> Fetched:
             if not done: r.conn.abort() if at.phase == 'while reading the body' else await self._settle(r)
 
 # %% ../nbs/01_fetch.ipynb #ea2903c3
-def backoff_delay(n:int, cfg:FetchConfig, retry_after:float|None=None, rng=random) -> float:
+def backoff_delay(n:int, cfg:FetchConfig, retry_after:float|None=None,
+                  status:int|None=None, # the HTTP status of the failure, if any: 429 and 503 wait longer
+                  rng=random) -> float:
     "Seconds to wait before retry number `n` (1-based)."
     if retry_after is not None: return min(retry_after, cfg.max_backoff)
-    return min(cfg.max_backoff, cfg.backoff * 2**(n-1) * (0.5 + rng.random()))
+    first = cfg.backoff_busy if status in (429, 503) else cfg.backoff
+    return min(cfg.max_backoff, first * 2**(n-1) * (0.5 + rng.random()))
 
 @patch
 async def aget(self:Fetcher, url:str) -> Fetched:
@@ -632,7 +636,7 @@ async def aget(self:Fetcher, url:str) -> Fetched:
         except SampleError as e:
             e.attempts = n
             if not e.transient or n > self.cfg.retries: raise
-            await asyncio.sleep(backoff_delay(n, self.cfg, e.retry_after))
+            await asyncio.sleep(backoff_delay(n, self.cfg, e.retry_after, e.status))
 
 # %% ../nbs/01_fetch.ipynb #bb0df36e
 @patch
