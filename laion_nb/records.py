@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import LaionNbError
+from .io import atomic_open, jsonl_line
 
 # %% auto #0
-__all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'outcome', 'escape_line_breaks',
-           'RecordLog', 'BadRecordError', 'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards',
-           'shard_records', 'Outcomes', 'read_outcomes', 'summarize', 'write_errors_json', 'read_errors_json']
+__all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'outcome', 'RecordLog', 'BadRecordError',
+           'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards', 'shard_records', 'Outcomes',
+           'read_outcomes', 'summarize', 'write_errors_json', 'read_errors_json']
 
 # %% ../nbs/02b_records.ipynb #21c35276
 SAVED_FILE = 'image_paths.jsonl'      # one line per saved image
@@ -55,18 +56,6 @@ def outcome(rec) -> str:
     return kind if isinstance(kind, str) and kind else 'saved'
 
 # %% ../nbs/02b_records.ipynb #d21e7886
-# JSON leaves these raw inside strings, but `str.splitlines()` (and so many a JSONL reader) breaks lines at them
-_LINE_BREAKS = str.maketrans({'\u2028': '\\u2028', '\u2029': '\\u2029', '\x85': '\\u0085'})
-
-def escape_line_breaks(text:str) -> str:
-    "JSON `text` with U+2028, U+2029 and U+0085 escaped, so a JSONL line stays one line for `str.splitlines()`."
-    if '\u2028' in text or '\u2029' in text or '\x85' in text: return text.translate(_LINE_BREAKS)
-    return text  # the common case: a check costs 0.07 us, a translate 2.5 us (measured on a 400-char line)
-
-def _line(rec) -> bytes:
-    "One JSON line: UTF-8 as is, the Unicode line and paragraph separators escaped."
-    return (escape_line_breaks(json.dumps(vars(rec), ensure_ascii=False, separators=(',', ':'))) + '\n').encode('utf-8')
-
 class RecordLog:
     "Append-only writer of `Saved` and `Failed` records in `out_dir`; safe across threads and processes."
     def __init__(self,
@@ -81,7 +70,7 @@ class RecordLog:
         fd = self._fds.get(name)
         if fd is None:
             fd = self._fds[name] = os.open(self.out_dir/name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        line = _line(rec)
+        line = jsonl_line(vars(rec), compact=True).encode('utf-8')  # U+2028, U+2029, U+0085 escaped
         if os.write(fd, line) != len(line): raise OSError(f'short write to {self.out_dir/name} (disk full?)')
 
     def saved(self, rec:Saved): self._write(SAVED_FILE, rec)
@@ -222,15 +211,18 @@ def forget_saved(out_dir:str|Path, indices) -> int:
     if not len(drop): return 0
     for path in _log_paths(out_dir, SAVED_FILE):
         if not path.exists(): continue
-        tmp, n = path.with_name(f'.{path.name}.{os.getpid()}.tmp'), 0
-        with open(path, 'rb') as src, open(tmp, 'wb') as dst:  # a line at a time: the log may hold a million
-            for line in src:
-                if line.strip() and (i := _index_of(line)) is not None and _among(i, drop): n += 1
-                else: dst.write(line)
-            dst.flush(); os.fsync(dst.fileno())
-        if n: os.replace(tmp, path); removed += n
-        else: os.unlink(tmp)
+        n = 0
+        try:
+            with open(path, 'rb') as src, atomic_open(path, 'wb') as dst:  # a line at a time: the log may hold a million
+                for line in src:
+                    if line.strip() and (i := _index_of(line)) is not None and _among(i, drop): n += 1
+                    else: dst.write(line)
+                if not n: raise _Unchanged  # nothing to drop: the log stays as it is, not replaced by a copy
+        except _Unchanged: pass
+        removed += n
     return removed
+
+class _Unchanged(Exception): "Raised inside `atomic_open` to leave the file as it was."
 
 def _among(i, sorted_values) -> bool:
     import numpy as np
@@ -435,9 +427,7 @@ def write_errors_json(out_dir:str|Path,
     if not len(o.failed):
         path.unlink(missing_ok=True)
         return None
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f: _write_doc(f, o.summary(), o.failures())
-    os.replace(tmp, path)
+    with atomic_open(path, 'w') as f: _write_doc(f, o.summary(), o.failures())
     return path
 
 def read_errors_json(out_dir:str|Path) -> dict:
