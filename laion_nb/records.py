@@ -16,7 +16,7 @@ from .io import atomic_open, jsonl_line
 # %% auto #0
 __all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'outcome', 'RecordLog', 'BadRecordError',
            'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards', 'shard_records', 'Outcomes',
-           'read_outcomes', 'summarize', 'write_errors_json', 'read_errors_json']
+           'read_outcomes', 'summary', 'write_errors_json', 'read_errors_json']
 
 # %% ../nbs/02b_records.ipynb #21c35276
 SAVED_FILE = 'image_paths.jsonl'      # one line per saved image
@@ -337,7 +337,7 @@ class Outcomes:
     bad_lines: list         # bad lines skipped (with `skip_bad_lines`)
 
     def summary(self) -> dict:
-        "Counts as `summarize` gives them."
+        "Counts as `summary` gives them."
         import numpy as np
         statuses = self.status[~np.isnan(self.status)].astype(int).tolist()
         return {'attempted': len(self.saved) + len(self.failed), 'saved': len(self.saved), 'failed': len(self.failed),
@@ -399,7 +399,7 @@ def read_outcomes(out_dir:str|Path, skip_bad_lines:bool=False) -> Outcomes:
                     np.stack([f['log'][last], f['offset'][last]], axis=1).astype(np.int64), logs, bad)
 
 # %% ../nbs/02b_records.ipynb #c2695643
-def summarize(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFrame|None=None) -> dict:
+def summary(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFrame|None=None) -> dict:
     "Counts of the rows of `out_dir`: attempted, saved, failed, failures by type and by HTTP status."
     if saved is None and failed is None: return read_outcomes(out_dir).summary()
     if saved is None: saved = read_saved(out_dir)
@@ -433,5 +433,5 @@ def write_errors_json(out_dir:str|Path,
 def read_errors_json(out_dir:str|Path) -> dict:
     "The contents of `download_errors.json` (empty summary when there is none)."
     path = Path(out_dir)/ERRORS_FILE
-    if not path.exists(): return {'summary': summarize(out_dir), 'errors': []}
+    if not path.exists(): return {'summary': summary(out_dir), 'errors': []}
     return json.loads(path.read_text(encoding='utf-8'))

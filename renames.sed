@@ -1,0 +1,1 @@
+s/\brecords\.summarize\b/records.summary/g
