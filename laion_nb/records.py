@@ -15,8 +15,8 @@ from .io import atomic_open, jsonl_line
 
 # %% auto #0
 __all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'outcome', 'RecordLog', 'BadRecordError',
-           'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards', 'shard_records', 'Outcomes',
-           'read_outcomes', 'summary', 'write_errors_json', 'read_errors_json']
+           'read_saved', 'read_failed', 'cut_partial_lines', 'forget_saved', 'merge_shards', 'shard_records',
+           'Outcomes', 'read_outcomes', 'summary', 'write_errors_json', 'read_errors_json']
 
 # %% ../nbs/02b_records.ipynb #21c35276
 SAVED_FILE = 'image_paths.jsonl'      # one line per saved image
@@ -193,7 +193,7 @@ def _last_line_end(f) -> int:
         if k >= 0: return pos + k + 1
     return 0
 
-def repair(out_dir:str|Path) -> int:
+def cut_partial_lines(out_dir:str|Path) -> int:
     "Cut half-written last lines off the logs in `out_dir`; returns the number of bytes removed."
     removed = 0
     for path in [*_log_paths(out_dir, SAVED_FILE), *_log_paths(out_dir, FAILED_LOG)]:
@@ -239,7 +239,7 @@ def _index_of(line:bytes):
 def merge_shards(out_dir:str|Path) -> int:
     "Append every shard's logs to the main logs of `out_dir` and remove them; returns the shards merged."
     out_dir = Path(out_dir)
-    repair(out_dir)
+    cut_partial_lines(out_dir)
     shards = sorted(p for p in (out_dir/SHARDS_DIR).glob('*') if p.is_dir())
     for shard in shards:
         for name in (SAVED_FILE, FAILED_LOG):
