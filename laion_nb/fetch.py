@@ -499,6 +499,7 @@ class _Response:
         c = (self.headers.get('Connection') or '').lower()
         return self.framing != 'close' and 'close' not in c and (self.version != 'HTTP/1.0' or 'keep-alive' in c)
 
+# %% ../nbs/01_fetch.ipynb #d14eefd1
 @patch
 async def _exchange(self:Fetcher, target:str, scheme:str, host:str, port:int, ip:str, proxy:str|None, at:_Attempt) -> _Response:
     "Send the request and read the response's head, on a kept connection if there is one."
@@ -516,6 +517,7 @@ async def _exchange(self:Fetcher, target:str, scheme:str, host:str, port:int, ip
             if not (conn.reused and isinstance(e, _NoResponse) and not e.args): raise  # a reset is an attempt: a server may
             conn = None  # mean it; a kept connection that just ends was closed by the server as we sent: once more, on a new one
 
+# %% ../nbs/01_fetch.ipynb #a7d4f13b
 @patch
 def _keep(self:Fetcher, r:_Response):
     "Return `r`'s connection to the pool if the response allows, with its TLS session noted; else close it."
@@ -579,6 +581,7 @@ class Fetched:
     content:bytes
     attempts:int=1
 
+# %% ../nbs/01_fetch.ipynb #e8102cbb
 @patch
 async def aattempt(self:Fetcher, url:str) -> Fetched:
     "One try at `url` (redirects included) within `cfg.timeout` seconds, or a `SampleError`."
@@ -590,6 +593,7 @@ async def aattempt(self:Fetcher, url:str) -> Fetched:
         if deadline.expired(): raise at.late(self.cfg.timeout) from None
         raise
 
+# %% ../nbs/01_fetch.ipynb #21cf8060
 @patch
 async def _hops(self:Fetcher, url:str, at:_Attempt) -> Fetched:
     cfg, seen = self.cfg, []

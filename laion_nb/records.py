@@ -89,6 +89,7 @@ class RecordLog:
 class BadRecordError(LaionNbError, ValueError):
     "A line of a record file that is not a valid record; the message names the file and line."
 
+# %% ../nbs/02b_records.ipynb #a44b8d06
 def _schema(cls):
     import pyarrow as pa
     return pa.schema([(f.name, pa.int64() if f.type.startswith('int') else pa.string()) for f in fields(cls)])
@@ -114,6 +115,7 @@ def _fast(data:bytes, cls):
     t = _table(data, cls)
     return None if t is None else t.to_pandas(types_mapper=lambda ty: pd.StringDtype('pyarrow') if ty == pa.string() else None)
 
+# %% ../nbs/02b_records.ipynb #c33c2ff1
 def _record(line:bytes, cls) -> dict:
     "The fields of `cls` in one line; ValueError if it is not a record."
     rec = json.loads(line)
@@ -149,6 +151,7 @@ def _records(path:Path, cls, skip_bad_lines=False):
     df = _fast(data, cls)
     return (df, []) if df is not None else _slow(data, path, cls, skip_bad_lines)
 
+# %% ../nbs/02b_records.ipynb #4d81f6df
 def _frame(frames, bad, cls) -> pd.DataFrame:
     "One row per index (the latest record), sorted by index."
     import pandas as pd  # here, so that the download's worker processes, which only write, stay small
@@ -280,6 +283,7 @@ def _blocks(path:Path, size:int|None=None):
             before += data.count(b'\n', 0, cut); pos += cut; rest = data[cut:]
     # what is left in `rest` is a last line without its newline, cut short by a kill: dropped, as by `_records`
 
+# %% ../nbs/02b_records.ipynb #46e8a243
 def _columns(path, cls, names, skip_bad_lines, bad):
     "The log at `path` a block at a time, as dicts of numpy arrays: the fields `names`, and `offset` (where each line starts)."
     import numpy as np
@@ -299,6 +303,7 @@ def _columns(path, cls, names, skip_bad_lines, bad):
         cols = {n: np.array([r[n] for r in recs], dtype=np.int64 if n == 'index' else object) for n in names}
         yield {**cols, 'offset': starts[keep]}
 
+# %% ../nbs/02b_records.ipynb #7d60f1da
 def _latest(index):
     "Positions of the last occurrence of each value of `index`, in the order of the values."
     import numpy as np
@@ -324,6 +329,7 @@ def _json_value(k, v):
     if v is None or (isinstance(v, float) and v != v): return None
     return int(v) if k in _INT_FIELDS or hasattr(v, 'dtype') else v
 
+# %% ../nbs/02b_records.ipynb #9c332ba2
 @dataclass
 class Outcomes:
     "The latest outcome of every row of an output dir, in a few arrays; the failure records stay in their logs."
@@ -380,6 +386,7 @@ def _failed_small(types:dict):
                 'error_type': np.array([types.setdefault(t, t) for t in cols['error_type'].tolist()], dtype=object)}
     return small
 
+# %% ../nbs/02b_records.ipynb #b5483925
 def read_outcomes(out_dir:str|Path, skip_bad_lines:bool=False) -> Outcomes:
     "The latest outcome of every row of `out_dir`, read a block at a time: what the start and the end of a run need."
     import numpy as np
@@ -409,6 +416,7 @@ def summary(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFrame|
             'by_type': dict(Counter(failed['error_type']).most_common()),
             'by_status': {str(k): v for k, v in Counter(statuses).most_common()}}
 
+# %% ../nbs/02b_records.ipynb #b02b3fcd
 def _write_doc(f, summary:dict, errors:Iterator[dict]):
     "Write `{'summary': summary, 'errors': [...errors]}` to `f` as `json.dumps(doc, ensure_ascii=False, indent=1)` would, one error at a time."
     head, tail = json.dumps({'summary': summary, 'errors': [0]}, ensure_ascii=False, indent=1).split('\n  0\n')
@@ -430,6 +438,7 @@ def write_errors_json(out_dir:str|Path,
     with atomic_open(path, 'w') as f: _write_doc(f, o.summary(), o.failures())
     return path
 
+# %% ../nbs/02b_records.ipynb #60849b4a
 def read_errors_json(out_dir:str|Path) -> dict:
     "The contents of `download_errors.json` (empty summary when there is none)."
     path = Path(out_dir)/ERRORS_FILE
