@@ -71,6 +71,7 @@ def public_address(ip:str) -> bool:
     if isinstance(a, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(a)) is not None: a = v4
     return a.is_global and not a.is_multicast
 
+# %% ../nbs/01_fetch.ipynb #2c288677
 def _split(url:str) -> tuple[str, str, int, str]:
     "The scheme, host, port and request target (path and query) of an http(s) URL, or `SampleError('invalid_url')`."
     if not isinstance(url, str) or not url.strip(): raise SampleError('invalid_url', 'empty URL')
@@ -84,6 +85,7 @@ def split_url(url:str) -> tuple[str, str, int]:
     "The scheme, host and port of an http(s) URL, as the connection will see them, or `SampleError('invalid_url')`."
     return _split(url)[:3]
 
+# %% ../nbs/01_fetch.ipynb #f19fff5d
 def _guard(host:str, ips:list[str], allow_private:bool=False) -> str:
     "The address to connect to for `host` (its first), refused unless `allow_private` or every one of `ips` is public."
     bad = [ip for ip in ips if not public_address(ip)]
@@ -145,6 +147,7 @@ async def _lookup(self:Resolver, host:str, port:int) -> list[str]:
     self.cache[host] = ips, time.monotonic() + self.ttl
     return ips
 
+# %% ../nbs/01_fetch.ipynb #e93f6719
 @patch
 async def check(self:Resolver, host:str, port:int=80, allow_private:bool=False) -> str:
     "The address to connect to for `host`: refused unless `allow_private` or every address of the host is public."
@@ -661,6 +664,7 @@ def _side_loop(self:Fetcher) -> asyncio.AbstractEventLoop:
             self._side = loop, os.getpid()
         return self._side[0]
 
+# %% ../nbs/01_fetch.ipynb #410811c3
 @patch
 def get(self:Fetcher, url:str) -> Fetched:
     "Fetch `url` (see `aget`) from synchronous code."

@@ -64,6 +64,7 @@ def plan(self:ImageRules, w:int, h:int) -> tuple[tuple[int, int], tuple[int, int
     if side <= n: return (w, h), None
     return (_near(w, n, side), _near(h, n, side)), None
 
+# %% ../nbs/02_images.ipynb #073af2e7
 @patch
 def resize_needed(self:ImageRules, w:int, h:int) -> bool:
     "Whether a `w` x `h` image must be scaled down or cut to follow `resize`."

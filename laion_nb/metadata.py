@@ -113,6 +113,7 @@ class Row(NamedTuple):
     url: str|None      # None for null; a column that is not text gives its values as stored (int, bytes, list)
     caption: str|None  # likewise
 
+# %% ../nbs/00_metadata.ipynb #2704edab
 class Dump:
     "A LAION-style embedding dump: metadata shards in order, each row with its global `index`."
     def __init__(self,
@@ -287,6 +288,7 @@ def embeddings(self:Dump, kind:str='img') -> list[np.ndarray]:
     "The `kind` embeddings of every shard, memory-mapped, after checking each lines up with its metadata."
     return [a for _, a in _embeddings(self, kind)]
 
+# %% ../nbs/00_metadata.ipynb #2a8fec24
 @patch
 def check_embeddings(self:Dump) -> pd.DataFrame:
     "One row per shard: its rows and the dtype and dimension of its embeddings; raises `DumpError` when they do not line up."

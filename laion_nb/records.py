@@ -39,6 +39,7 @@ class Saved:
     original_width: int|None = None   # size of the image as it came, as displayed (None: a record from before it was kept)
     original_height: int|None = None
 
+# %% ../nbs/02b_records.ipynb #d5a8843a
 @dataclass(frozen=True)
 class Failed:
     "A row that could not become an image: one line of `download_errors.jsonl`."
@@ -180,6 +181,7 @@ def read_saved(out_dir:str|Path, skip_bad_lines:bool=False) -> pd.DataFrame:
     "The saved images of `out_dir`: one row per index (its latest record), sorted by index."
     return _read(out_dir, Saved, SAVED_FILE, skip_bad_lines)
 
+# %% ../nbs/02b_records.ipynb #f87041fe
 def read_failed(out_dir:str|Path, skip_bad_lines:bool=False, saved:pd.DataFrame|None=None) -> pd.DataFrame:
     "The rows of `out_dir` that failed and were not saved since: their latest failure, sorted by index."
     failed = _read(out_dir, Failed, FAILED_LOG, skip_bad_lines)

@@ -387,6 +387,7 @@ def _rate(r:float) -> str:
     "A rate with one decimal, or two significant digits under 0.1 (0.0033, not 0.0)."
     return f'{r:,.1f}' if r >= 0.1 or r == 0 else f'{r:.2g}'
 
+# %% ../nbs/05_widgets.ipynb #87f64001
 class LiveProgress(_Panel):
     "Progress of a download as a notebook panel: a bar, counts per outcome and throughput."
     def __init__(self, interval:float=0.25,  # least time between redraws, in seconds
@@ -424,6 +425,7 @@ def update(self:LiveProgress, rec:records.Saved|records.Failed):  # the record o
         if self.in_flight: self.in_flight -= 1  # it was in flight until now
         if time.monotonic() - self._drawn >= self.interval: self._draw()
 
+# %% ../nbs/05_widgets.ipynb #f77e2916
 @patch
 def waiting(self:LiveProgress, in_flight:int,  # rows started and not yet recorded
             longest:float):                    # seconds until the oldest of them must end
@@ -433,6 +435,7 @@ def waiting(self:LiveProgress, in_flight:int,  # rows started and not yet record
         self.in_flight, self._deadline = max(0, int(in_flight)), now + max(0.0, float(longest))
         if now - self._drawn >= self.interval: self._draw()
 
+# %% ../nbs/05_widgets.ipynb #e6befae9
 @patch
 def close(self:LiveProgress):
     "Draw the final state, with the run's true rate."
