@@ -66,8 +66,8 @@ def main_check_image(ref='main'):
 
 def header(data):
     "laion_nb's cheap checks, as a fast path would run them: sniff, marker walk, size from the header."
-    fmt = images.sniff(data)
-    if fmt == 'JPEG': images.jpeg_layout(data)
+    fmt = images._sniff(data)
+    if fmt == 'JPEG': images._jpeg_layout(data)
     return fmt, images._open(fmt, data).size
 
 

@@ -740,7 +740,7 @@ def open_run(cfg:DownloadConfig):
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise DumpError(f'cannot create output dir {out} (--output-dir): {e}') from None
     lock_output(out)  # one run at a time per output dir: released when the run ends
-    records.repair(out); clean_temp_files(out)
+    records.cut_partial_lines(out); clean_temp_files(out)
     return dump, out, len(dump) if cfg.max_samples is None else min(cfg.max_samples, len(dump))
 
 def end_run(out:Path, rows:int, skipped:int, counts:Counter, t0:float, interrupted:bool, missing:int=0) -> DownloadReport:

@@ -20,12 +20,12 @@ import laion_nb
 from .errors import SampleError
 
 # %% auto #0
-__all__ = ['USER_AGENT', 'OPT_OUT_TAGS', 'MAX_TIMEOUT', 'MAX_RETRIES', 'TLS_READ_BUFFER', 'FetchConfig', 'public_address',
-           'split_url', 'Resolver', 'opted_out', 'Headers', 'tls_context', 'Fetcher', 'Fetched', 'backoff_delay']
+__all__ = ['MAX_TIMEOUT', 'MAX_RETRIES', 'FetchConfig', 'public_address', 'split_url', 'Resolver', 'Headers', 'Fetcher',
+           'Fetched']
 
 # %% ../nbs/01_fetch.ipynb #5d86e3ae
-USER_AGENT = f'laion_nb/{laion_nb.__version__} (+https://github.com/laion-nb/laion_nb; image-text dataset downloader)'
-OPT_OUT_TAGS = frozenset({'noai', 'noimageai'})
+_USER_AGENT = f'laion_nb/{laion_nb.__version__} (+https://github.com/laion-nb/laion_nb; image-text dataset downloader)'
+_OPT_OUT_TAGS = frozenset({'noai', 'noimageai'})
 MAX_TIMEOUT, MAX_RETRIES = 3600.0, 100  # an hour per attempt, a hundred retries: more is a typo, not a plan
 
 @dataclass
@@ -41,7 +41,7 @@ class FetchConfig:
     backoff_busy:float=1.0         # the same after a 429 or 503 without Retry-After: the server asked for less
     max_backoff:float=10.0         # the longest wait before a retry, Retry-After included
     kept_connections:int=256       # idle keep-alive connections kept for reuse (all hosts); the least recently used close first
-    user_agent:str=USER_AGENT
+    user_agent:str=_USER_AGENT
 
     def __post_init__(self):
         def number(name, lo, hi, open_lo=False):
@@ -72,6 +72,7 @@ def public_address(ip:str) -> bool:
     if isinstance(a, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(a)) is not None: a = v4
     return a.is_global and not a.is_multicast
 
+# %% ../nbs/01_fetch.ipynb #2c288677
 def _split(url:str) -> tuple[str, str, int, str]:
     "The scheme, host, port and request target (path and query) of an http(s) URL, or `SampleError('invalid_url')`."
     if not isinstance(url, str) or not url.strip(): raise SampleError('invalid_url', 'empty URL')
@@ -85,6 +86,7 @@ def split_url(url:str) -> tuple[str, str, int]:
     "The scheme, host and port of an http(s) URL, as the connection will see them, or `SampleError('invalid_url')`."
     return _split(url)[:3]
 
+# %% ../nbs/01_fetch.ipynb #f19fff5d
 def _guard(host:str, ips:list[str], allow_private:bool=False) -> str:
     "The address to connect to for `host` (its first), refused unless `allow_private` or every one of `ips` is public."
     bad = [ip for ip in ips if not public_address(ip)]
@@ -146,13 +148,14 @@ async def _lookup(self:Resolver, host:str, port:int) -> list[str]:
     self.cache[host] = ips, time.monotonic() + self.ttl
     return ips
 
+# %% ../nbs/01_fetch.ipynb #e93f6719
 @patch
 async def check(self:Resolver, host:str, port:int=80, allow_private:bool=False) -> str:
     "The address to connect to for `host`: refused unless `allow_private` or every address of the host is public."
     return _guard(host, await self.resolve(host, port), allow_private)
 
 # %% ../nbs/01_fetch.ipynb #9924cc1a
-def opted_out(headers, agent:str='laion_nb') -> bool:
+def _opted_out(headers, agent:str='laion_nb') -> bool:
     "Whether the `X-Robots-Tag` headers opt out of AI use, for all crawlers or for `agent`."
     values = headers.get_all('X-Robots-Tag') if hasattr(headers, 'get_all') else [headers.get('X-Robots-Tag') or '']
     for value in values or ():
@@ -161,8 +164,8 @@ def opted_out(headers, agent:str='laion_nb') -> bool:
             part = part.strip().lower()
             if ':' in part:
                 head, _, rest = part.partition(':')
-                if head.strip() not in OPT_OUT_TAGS: target, part = head.strip(), rest.strip()
-            if part in OPT_OUT_TAGS and target in (None, '*', agent.lower()): return True
+                if head.strip() not in _OPT_OUT_TAGS: target, part = head.strip(), rest.strip()
+            if part in _OPT_OUT_TAGS and target in (None, '*', agent.lower()): return True
     return False
 
 # %% ../nbs/01_fetch.ipynb #01ac11d4
@@ -334,7 +337,7 @@ def _check_head(r, cfg:FetchConfig):
         reason = r.reason or _STATUS_REASON.get(r.status, '')
         raise SampleError('http_status', f'HTTP {r.status} {reason}'.strip(), status=r.status,
                           retry_after=_retry_after(r.headers.get('Retry-After')))
-    if cfg.respect_opt_out and opted_out(r.headers):
+    if cfg.respect_opt_out and _opted_out(r.headers):
         raise SampleError('opt_out', f"X-Robots-Tag: {', '.join(r.headers.get_all('X-Robots-Tag'))}", status=200)
     length = r.headers.get('Content-Length')
     if length and length.isdigit() and int(length) > cfg.max_bytes:
@@ -403,7 +406,7 @@ class _TLSContext(ssl.SSLContext):
     def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session or _offer.get())
 
-def tls_context(ca:str|None=None) -> ssl.SSLContext:
+def _tls_context(ca:str|None=None) -> ssl.SSLContext:
     "A client TLS context that checks certificates and host names against `ca` (a PEM file), or the environment's, or certifi's."
     ca = ca or os.environ.get('REQUESTS_CA_BUNDLE') or os.environ.get('CURL_CA_BUNDLE') or os.environ.get('SSL_CERT_FILE') or certifi.where()
     ctx = _TLSContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
@@ -412,8 +415,8 @@ def tls_context(ca:str|None=None) -> ssl.SSLContext:
     return ctx
 
 # %% ../nbs/01_fetch.ipynb #d9e8c450
-TLS_READ_BUFFER = 64 * 1024  # bytes of read buffer per TLS connection (asyncio's own: 256 KiB)
-asyncio.sslproto.SSLProtocol.max_size = min(asyncio.sslproto.SSLProtocol.max_size, TLS_READ_BUFFER)
+_TLS_READ_BUFFER = 64 * 1024  # bytes of read buffer per TLS connection (asyncio's own: 256 KiB)
+asyncio.sslproto.SSLProtocol.max_size = min(asyncio.sslproto.SSLProtocol.max_size, _TLS_READ_BUFFER)
 
 # %% ../nbs/01_fetch.ipynb #bc8eb2c7
 class Fetcher:
@@ -424,7 +427,7 @@ class Fetcher:
         self.proxies = getproxies()  # {'http': ..., 'https': ..., 'no': ...} from the environment
         self.headers = {'User-Agent': cfg.user_agent, 'Accept': 'image/*,*/*;q=0.5', 'Accept-Encoding': 'gzip, deflate'}
         self._head = ''.join(f'{k}: {v}\r\n' for k, v in self.headers.items())
-        self.ssl_context = tls_context()
+        self.ssl_context = _tls_context()
         self.tls_sessions, self.tls_resumed = OrderedDict(), 0  # (host, port) -> the last TLS session there; sessions resumed
         self._local, self._side, self._lock = threading.local(), None, threading.Lock()
 
@@ -500,6 +503,7 @@ class _Response:
         c = (self.headers.get('Connection') or '').lower()
         return self.framing != 'close' and 'close' not in c and (self.version != 'HTTP/1.0' or 'keep-alive' in c)
 
+# %% ../nbs/01_fetch.ipynb #d14eefd1
 @patch
 async def _exchange(self:Fetcher, target:str, scheme:str, host:str, port:int, ip:str, proxy:str|None, at:_Attempt) -> _Response:
     "Send the request and read the response's head, on a kept connection if there is one."
@@ -517,6 +521,7 @@ async def _exchange(self:Fetcher, target:str, scheme:str, host:str, port:int, ip
             if not (conn.reused and isinstance(e, _NoResponse) and not e.args): raise  # a reset is an attempt: a server may
             conn = None  # mean it; a kept connection that just ends was closed by the server as we sent: once more, on a new one
 
+# %% ../nbs/01_fetch.ipynb #a7d4f13b
 @patch
 def _keep(self:Fetcher, r:_Response):
     "Return `r`'s connection to the pool if the response allows, with its TLS session noted; else close it."
@@ -580,6 +585,7 @@ class Fetched:
     content:bytes
     attempts:int=1
 
+# %% ../nbs/01_fetch.ipynb #e8102cbb
 @patch
 async def aattempt(self:Fetcher, url:str) -> Fetched:
     "One try at `url` (redirects included) within `cfg.timeout` seconds, or a `SampleError`."
@@ -591,6 +597,7 @@ async def aattempt(self:Fetcher, url:str) -> Fetched:
         if deadline.expired(): raise at.late(self.cfg.timeout) from None
         raise
 
+# %% ../nbs/01_fetch.ipynb #21cf8060
 @patch
 async def _hops(self:Fetcher, url:str, at:_Attempt) -> Fetched:
     cfg, seen = self.cfg, []
@@ -615,7 +622,7 @@ async def _hops(self:Fetcher, url:str, at:_Attempt) -> Fetched:
             if not done: r.conn.abort() if at.phase == 'while reading the body' else await self._settle(r)
 
 # %% ../nbs/01_fetch.ipynb #ea2903c3
-def backoff_delay(n:int, cfg:FetchConfig, retry_after:float|None=None,
+def _backoff_delay(n:int, cfg:FetchConfig, retry_after:float|None=None,
                   status:int|None=None, # the HTTP status of the failure, if any: 429 and 503 wait longer
                   rng=random) -> float:
     "Seconds to wait before retry number `n` (1-based)."
@@ -636,7 +643,7 @@ async def aget(self:Fetcher, url:str) -> Fetched:
         except SampleError as e:
             e.attempts = n
             if not e.transient or n > self.cfg.retries: raise
-            await asyncio.sleep(backoff_delay(n, self.cfg, e.retry_after, e.status))
+            await asyncio.sleep(_backoff_delay(n, self.cfg, e.retry_after, e.status))
 
 # %% ../nbs/01_fetch.ipynb #bb0df36e
 @patch
@@ -661,6 +668,7 @@ def _side_loop(self:Fetcher) -> asyncio.AbstractEventLoop:
             self._side = loop, os.getpid()
         return self._side[0]
 
+# %% ../nbs/01_fetch.ipynb #410811c3
 @patch
 def get(self:Fetcher, url:str) -> Fetched:
     "Fetch `url` (see `aget`) from synchronous code."

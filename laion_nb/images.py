@@ -15,11 +15,10 @@ from PIL import Image, BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImage
 from .errors import SampleError
 
 # %% auto #0
-__all__ = ['RESIZE_MODES', 'PIXEL_BUDGET', 'ImageRules', 'sniff', 'JpegLayout', 'jpeg_layout', 'PixelBudget', 'CheckedImage',
-           'check_image']
+__all__ = ['ImageRules', 'CheckedImage', 'check_image']
 
 # %% ../nbs/02_images.ipynb #8b15436a
-RESIZE_MODES = ('longest', 'shortest', 'center_crop')  # what `resize` bounds: see "Resizing" below
+_RESIZE_MODES = ('longest', 'shortest', 'center_crop')  # what `resize` bounds: see "Resizing" below
 
 @dataclass
 class ImageRules:
@@ -36,8 +35,8 @@ class ImageRules:
             raise ValueError(f'need 0 < min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}')
         if self.resize is not None and self.resize < self.min_size:
             raise ValueError(f'resize ({self.resize}) must be at least min_size ({self.min_size})')
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f'resize_mode must be one of {", ".join(RESIZE_MODES)}, got {self.resize_mode!r}')
+        if self.resize_mode not in _RESIZE_MODES:
+            raise ValueError(f'resize_mode must be one of {", ".join(_RESIZE_MODES)}, got {self.resize_mode!r}')
         if not 1 <= self.quality <= 100: raise ValueError(f'quality must be 1 to 100, got {self.quality}')
 
 # %% ../nbs/02_images.ipynb #27423dfd
@@ -65,6 +64,7 @@ def plan(self:ImageRules, w:int, h:int) -> tuple[tuple[int, int], tuple[int, int
     if side <= n: return (w, h), None
     return (_near(w, n, side), _near(h, n, side)), None
 
+# %% ../nbs/02_images.ipynb #073af2e7
 @patch
 def resize_needed(self:ImageRules, w:int, h:int) -> bool:
     "Whether a `w` x `h` image must be scaled down or cut to follow `resize`."
@@ -74,7 +74,7 @@ def resize_needed(self:ImageRules, w:int, h:int) -> bool:
 _MAGIC = [(b'\xff\xd8\xff', 'JPEG'), (b'\x89PNG\r\n\x1a\n', 'PNG'), (b'GIF87a', 'GIF'), (b'GIF89a', 'GIF'),
           (b'BM', 'BMP'), (b'II*\x00', 'TIFF'), (b'MM\x00*', 'TIFF')]
 
-def sniff(data:bytes) -> str|None:
+def _sniff(data:bytes) -> str|None:
     "The image format of `data` from its first bytes, or None."
     if data[:4] == b'RIFF' and data[8:12] == b'WEBP': return 'WEBP'
     for magic, fmt in _MAGIC:
@@ -104,7 +104,7 @@ _MARKER = re.compile(rb'\xff[^\x00\xd0-\xd7\xff]')  # the first marker after ent
 _BITS_PER_BLOCK = {0xC0: 2, 0xC1: 2, 0xC2: 1}  # Huffman DCT frames (baseline, extended, progressive): the least a block costs
 
 @dataclass
-class JpegLayout:
+class _JpegLayout:
     "Where a JPEG's parts are, from its markers."
     end:int|None         # offset just past EOI (None: no EOI found, the file is cut or broken)
     entropy:int          # bytes of entropy-coded data, all scans
@@ -125,7 +125,7 @@ def _least_bytes(data:bytes, at:int, bits:int) -> int:
     return blocks * bits // 8
 
 # %% ../nbs/02_images.ipynb #c402da24
-def jpeg_layout(data:bytes) -> JpegLayout:
+def _jpeg_layout(data:bytes) -> _JpegLayout:
     "Walk the markers of the JPEG `data`: segments by their lengths, entropy-coded data by a regex."
     pos, n, entropy, least = 2, len(data), 0, 0
     while pos + 1 < n:
@@ -135,7 +135,7 @@ def jpeg_layout(data:bytes) -> JpegLayout:
             continue
         m = data[pos + 1]
         if m == 0xFF or m == 0x00: pos += 1; continue            # fill byte, or a stray ff
-        if m == 0xD9: return JpegLayout(pos + 2, entropy, least)  # EOI
+        if m == 0xD9: return _JpegLayout(pos + 2, entropy, least)  # EOI
         if 0xD0 <= m <= 0xD7 or m == 0x01: pos += 2; continue    # markers without a length
         if pos + 4 > n: break
         end = pos + 2 + struct.unpack_from('>H', data, pos + 2)[0]
@@ -146,14 +146,14 @@ def jpeg_layout(data:bytes) -> JpegLayout:
             if nxt is None: entropy += max(0, n - end); break
             entropy += nxt.start() - end; end = nxt.start()
         pos = end
-    return JpegLayout(None, entropy, least)
+    return _JpegLayout(None, entropy, least)
 
 # %% ../nbs/02_images.ipynb #3c581ad6
 try: _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc
 except (OSError, AttributeError): _malloc_trim = None
 
 # %% ../nbs/02_images.ipynb #05462623
-class PixelBudget:
+class _PixelBudget:
     "Bytes of decoded pixels in flight in one process: a check waits its turn until its bytes fit."
     def __init__(self, limit:int): # bytes; an image that needs more than this runs alone
         self.limit, self.used, self.peak, self._cv, self._queue = limit, 0, 0, threading.Condition(), collections.deque()
@@ -174,9 +174,9 @@ class PixelBudget:
             with self._cv: self.used -= cost; self._cv.notify_all()
             if cost >= self.trim_above and _malloc_trim: _malloc_trim(0)
 
-    def __repr__(self): return f'PixelBudget({self.used >> 20} of {self.limit >> 20} MiB in use, peak {self.peak >> 20} MiB)'
+    def __repr__(self): return f'_PixelBudget({self.used >> 20} of {self.limit >> 20} MiB in use, peak {self.peak >> 20} MiB)'
 
-PIXEL_BUDGET = PixelBudget(512 * 2**20)  # the budget of this process: see above
+_PIXEL_BUDGET = _PixelBudget(512 * 2**20)  # the budget of this process: see above
 
 # %% ../nbs/02_images.ipynb #72658fff
 _BYTES = {'1': 1, 'L': 1, 'P': 1, 'I;16': 2, 'I;16L': 2, 'I;16B': 2, 'I;16N': 2}  # bytes per pixel in Pillow's memory (the rest: 4)
@@ -310,9 +310,9 @@ def _reencode(im:Image.Image, rules:ImageRules, full:tuple[int, int], scale:int)
 def check_image(data:bytes, rules:ImageRules|None=None) -> CheckedImage:
     "Check `data` against `rules` and turn it into JPEG bytes, or raise a `SampleError` (not_image, too_small, too_large, corrupt)."
     rules = rules or ImageRules()
-    fmt = sniff(data)
+    fmt = _sniff(data)
     if fmt is None: raise SampleError('not_image', f'not an image: {_what(data)}')
-    jpeg = jpeg_layout(data) if fmt == 'JPEG' else None
+    jpeg = _jpeg_layout(data) if fmt == 'JPEG' else None
     if jpeg and jpeg.end: data = data[:jpeg.end]  # whatever follows EOI is not the image
     try:
         im = _open(fmt, data)
@@ -327,7 +327,7 @@ def check_image(data:bytes, rules:ImageRules|None=None) -> CheckedImage:
     try:
         region = (w, h) if box is None else (box[2] - box[0], box[3] - box[1])
         scale = _draft(im, 8 if keep else _dct_scale(region, (tw, th))) if fmt == 'JPEG' else 1
-        with PIXEL_BUDGET(_cost(im.mode, im.size[0] * im.size[1], tw * th, keep, resized, turn != 1)):
+        with _PIXEL_BUDGET(_cost(im.mode, im.size[0] * im.size[1], tw * th, keep, resized, turn != 1)):
             try:  # every pixel buffer is closed before the budget is given back
                 _load(im)
                 if not keep: data, (sw, sh), turn = _reencode(im, rules, (w, h), scale)

@@ -57,15 +57,21 @@ def _plain(o):
     if hasattr(o, '__index__'): return o.__index__()
     raise TypeError(f'{type(o).__name__} is not JSON serializable')
 
-def jsonl_line(row:dict) -> str:
+def jsonl_line(row:dict,
+               compact:bool=False,  # no space after `,` and `:`, as the record logs are written
+              ) -> str:
     "`row` as one JSONL line with its newline: as `json.dumps(row, ensure_ascii=False)` writes it, U+2028, U+2029, U+0085 escaped."
+    sep, colon = (',', ':') if compact else (', ', ': ')
     parts = []
     for k, v in row.items():
-        t = type(v)  # exactly str or int: a bool is an int that json writes as true
-        if t is str and type(k) is str: parts.append(f'{encode_basestring(k)}: {encode_basestring(v)}')
-        elif t is int and type(k) is str: parts.append(f'{encode_basestring(k)}: {v!r}')
+        t = type(v)  # exactly str, int or None: a bool is an int that json writes as true
+        if type(k) is not str: parts = None; break
+        if t is str: parts.append(f'{encode_basestring(k)}{colon}{encode_basestring(v)}')
+        elif t is int: parts.append(f'{encode_basestring(k)}{colon}{v!r}')
+        elif v is None: parts.append(f'{encode_basestring(k)}{colon}null')
         else: parts = None; break
-    line = '{' + ', '.join(parts) + '}' if parts is not None else json.dumps(row, ensure_ascii=False, default=_plain)
+    line = ('{' + sep.join(parts) + '}' if parts is not None
+            else json.dumps(row, ensure_ascii=False, separators=(sep, colon), default=_plain))
     if '\u2028' in line or '\u2029' in line or '\x85' in line: line = line.translate(_LINE_BREAKS)
     return line + '\n'
 

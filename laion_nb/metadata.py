@@ -15,14 +15,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fastcore.basics import patch
 
 from .errors import LaionNbError
 
 # %% auto #0
-__all__ = ['META_DIRS', 'META_SUFFIXES', 'URL_COLUMNS', 'CAPTION_COLUMNS', 'EMBEDDING_KINDS', 'EMBEDDING_DIRS', 'DumpError',
-           'shard_digits', 'is_meta_dir', 'Shards', 'find_shards', 'pick_column', 'Row', 'Dump', 'batches', 'rows',
-           'embedding_dir', 'embedding_files', 'embeddings', 'check_embeddings', 'embedding_rows', 'top_domains',
-           'summary']
+__all__ = ['DumpError', 'Row', 'Dump']
 
 # %% ../nbs/00_metadata.ipynb #2d1f6a0b
 class DumpError(LaionNbError, ValueError):
@@ -30,7 +28,7 @@ class DumpError(LaionNbError, ValueError):
 
 _SUFFIXES = r'(?:\.(?:snappy|gz|gzip|zstd|zst|lz4|brotli))?\.(?:parquet|npy)$'
 
-def shard_digits(path:str|Path) -> str|None:
+def _shard_digits(path:str|Path) -> str|None:
     "The shard number in a file name as written (`'0003'`): Spark's `part-N`, else the last number; None without one."
     stem = re.sub(_SUFFIXES, '', Path(path).name)
     m = re.search(r'\bpart-(\d+)', stem) or re.search(r'(\d+)\D*$', stem)
@@ -38,17 +36,17 @@ def shard_digits(path:str|Path) -> str|None:
 
 def _shard_key(path:Path):
     "Sort key: the shard number as a number (2 before 10), then the name."
-    d = shard_digits(path)
+    d = _shard_digits(path)
     return (int(d) if d is not None else -1, path.name)
 
 # %% ../nbs/00_metadata.ipynb #b5af5154
-META_DIRS = ('metadate', 'metadata')        # the guide spells it 'metadate'; both are accepted
-META_SUFFIXES = ('-metadata', '_metadata')  # the-eye's LAION-5B: laion2B-en/laion2B-en-metadata/
+_META_DIRS = ('metadate', 'metadata')        # the guide spells it 'metadate'; both are accepted
+_META_SUFFIXES = ('-metadata', '_metadata')  # the-eye's LAION-5B: laion2B-en/laion2B-en-metadata/
 
-def is_meta_dir(path:str|Path) -> bool:
+def _is_meta_dir(path:str|Path) -> bool:
     "Is `path` named as the metadata folder of a dump (so that its parent is the dump root)?"
     name = Path(path).name
-    return name in META_DIRS or name.endswith(META_SUFFIXES)
+    return name in _META_DIRS or name.endswith(_META_SUFFIXES)
 
 def _not_a_shard(path:Path) -> str|None:
     "Why the file `path` of a metadata folder is not a shard, or None when it is one."
@@ -59,7 +57,7 @@ def _not_a_shard(path:Path) -> str|None:
     if n.startswith('.'): return 'hidden file'
     if not n.endswith('.parquet'): return 'not a .parquet file'
 
-class Shards(NamedTuple):
+class _Shards(NamedTuple):
     "Where a dump's metadata is."
     root: Path|None                  # the dump root, holding the embeddings; None for a loose folder of shards
     shards: list[Path]               # the metadata shards, in shard order
@@ -67,38 +65,38 @@ class Shards(NamedTuple):
 
 def _meta_dir(path:Path) -> Path|None:
     "The metadata folder in the dump root `path`, if it has one."
-    for d in META_DIRS:
+    for d in _META_DIRS:
         if (path/d).is_dir(): return path/d
-    found = sorted(p for p in path.iterdir() if p.name.endswith(META_SUFFIXES) and p.is_dir())
+    found = sorted(p for p in path.iterdir() if p.name.endswith(_META_SUFFIXES) and p.is_dir())
     if len(found) > 1: raise DumpError(f'{path}: {len(found)} metadata folders ({", ".join(p.name for p in found)}); point Dump at one')
     return found[0] if found else None
 
 # %% ../nbs/00_metadata.ipynb #6f5d9e12
-def find_shards(path:str|Path) -> Shards:
+def _find_shards(path:str|Path) -> _Shards:
     "The dump root, the metadata shards at `path` in shard order, and the other files beside them."
     path = Path(path)
     if not path.exists(): raise DumpError(f'{path}: no such file or directory')
-    if path.is_file(): return Shards(path.parent.parent if is_meta_dir(path.parent) else None, [path], [])
-    meta = None if is_meta_dir(path) else _meta_dir(path)
-    root = path if meta else (path.parent if is_meta_dir(path) else None)
+    if path.is_file(): return _Shards(path.parent.parent if _is_meta_dir(path.parent) else None, [path], [])
+    meta = None if _is_meta_dir(path) else _meta_dir(path)
+    root = path if meta else (path.parent if _is_meta_dir(path) else None)
     folder = meta or path
     files = sorted(p for p in folder.iterdir() if p.is_file())
     skipped = [(p, why) for p in files if (why := _not_a_shard(p))]
     shards = sorted((p for p in files if not _not_a_shard(p)), key=_shard_key)
     if not shards:
         seen = f' (it holds {", ".join(p.name for p, _ in skipped[:3])}{", ..." if len(skipped) > 3 else ""})' if skipped else ''
-        where = '' if is_meta_dir(folder) else ', and no metadata folder (metadate/, metadata/ or <name>-metadata/) in it'
+        where = '' if _is_meta_dir(folder) else ', and no metadata folder (metadate/, metadata/ or <name>-metadata/) in it'
         try: up = f' ({folder.parent} is one)' if _meta_dir(folder.parent) not in (None, folder) else ''
         except (DumpError, OSError): up = ''
         raise DumpError(f'{folder}: no .parquet metadata shards in this directory{seen}{where}; '
                         f'point Dump at the dump root{up}, its metadata folder, or a .parquet shard')
-    return Shards(root, shards, skipped)
+    return _Shards(root, shards, skipped)
 
 # %% ../nbs/00_metadata.ipynb #3e455e43
-URL_COLUMNS = ('url', 'URL', 'image_url', 'link')
-CAPTION_COLUMNS = ('caption', 'TEXT', 'text', 'title')
+_URL_COLUMNS = ('url', 'URL', 'image_url', 'link')
+_CAPTION_COLUMNS = ('caption', 'TEXT', 'text', 'title')
 
-def pick_column(names:list[str], wanted:str|None, candidates:tuple, what:str, where) -> str:
+def _pick_column(names:list[str], wanted:str|None, candidates:tuple, what:str, where) -> str:
     "The column of `names` to use as `what`: `wanted` if given, else the first of `candidates` present."
     if wanted is not None:
         if wanted in names: return wanted
@@ -115,21 +113,22 @@ class Row(NamedTuple):
     url: str|None      # None for null; a column that is not text gives its values as stored (int, bytes, list)
     caption: str|None  # likewise
 
+# %% ../nbs/00_metadata.ipynb #2704edab
 class Dump:
     "A LAION-style embedding dump: metadata shards in order, each row with its global `index`."
     def __init__(self,
                  path:str|Path,        # dump root, its metadata folder, a folder of parquet shards, or one parquet file
-                 url_col:str|None=None,     # URL column; found among `URL_COLUMNS` when None
-                 caption_col:str|None=None, # caption column; found among `CAPTION_COLUMNS` when None
+                 url_col:str|None=None,     # URL column; None: the first of url, URL, image_url, link
+                 caption_col:str|None=None, # caption column; None: the first of caption, TEXT, text, title
                 ):
-        self.root, self.shards, self.skipped = find_shards(path)
+        self.root, self.shards, self.skipped = _find_shards(path)
         self._files = []
         for shard in self.shards:
             try: self._files.append(pq.ParquetFile(shard))
             except (pa.ArrowInvalid, OSError) as e: raise DumpError(f'{shard}: not a readable parquet file ({e})') from None
         names = self._files[0].schema_arrow.names
-        self.url_col = pick_column(names, url_col, URL_COLUMNS, 'URL', self.shards[0])
-        self.caption_col = pick_column(names, caption_col, CAPTION_COLUMNS, 'caption', self.shards[0])
+        self.url_col = _pick_column(names, url_col, _URL_COLUMNS, 'URL', self.shards[0])
+        self.caption_col = _pick_column(names, caption_col, _CAPTION_COLUMNS, 'caption', self.shards[0])
         for shard, f in zip(self.shards[1:], self._files[1:]):
             for col in (self.url_col, self.caption_col):
                 if col not in f.schema_arrow.names:
@@ -186,7 +185,8 @@ def _raw_names(dump, columns):
         raw[c] = name
     return raw
 
-def _arrow_batches(self, columns=('index', 'url', 'caption'), start=0, limit=None, batch_size=65536):
+@patch
+def _arrow_batches(self:Dump, columns=('index', 'url', 'caption'), start=0, limit=None, batch_size=65536):
     "Like `batches`, as pyarrow tables with the normalised names."
     if start < 0 or (limit is not None and limit < 0): raise ValueError(f'start and limit must be >= 0, got {start}, {limit}')
     raw = _raw_names(self, columns)
@@ -197,12 +197,14 @@ def _arrow_batches(self, columns=('index', 'url', 'caption'), start=0, limit=Non
                         else batch.column(raw[c])) for c in columns}
             yield pa.table(cols)
 
+# %% ../nbs/00_metadata.ipynb #36b6f386
 _FLAT = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())  # to_numpy gives None for their nulls
 
 def _py_values(col:pa.ChunkedArray) -> pd.Series:
     "`col` as Python values in an object column, None for null."
     return pd.Series(col.to_numpy(zero_copy_only=False) if col.type in _FLAT else col.to_pylist(), dtype=object)
 
+@patch
 def batches(self:Dump,
             columns=('index', 'url', 'caption'), # normalised names (`index`, `url`, `caption`) or the dump's own
             start:int=0,               # global index of the first row
@@ -210,20 +212,20 @@ def batches(self:Dump,
             batch_size:int=65536,      # rows per batch at most
            ) -> Iterator[pd.DataFrame]:
     "Stream the rows `start` to `start+limit` as pandas frames, reading only `columns`."
-    for t in _arrow_batches(self, columns, start, limit, batch_size):
+    for t in self._arrow_batches(columns, start, limit, batch_size):
         yield pd.DataFrame({c: _py_values(t.column(c)) if c in ('url', 'caption') else t.column(c).to_pandas()
                             for c in t.column_names})
 
+# %% ../nbs/00_metadata.ipynb #d799127a
+@patch
 def rows(self:Dump, start:int=0, limit:int|None=None, batch_size:int=65536) -> Iterator[Row]:
     "Stream `Row(index, url, caption)` tuples, a batch at a time underneath."
-    for t in _arrow_batches(self, ('index', 'url', 'caption'), start, limit, batch_size):
+    for t in self._arrow_batches(('index', 'url', 'caption'), start, limit, batch_size):
         yield from map(Row._make, zip(t.column('index').to_pylist(), t.column('url').to_pylist(), t.column('caption').to_pylist()))
 
-Dump._arrow_batches, Dump.batches, Dump.rows = _arrow_batches, batches, rows
-
 # %% ../nbs/00_metadata.ipynb #a83e58e6
-EMBEDDING_KINDS = ('img', 'text')
-EMBEDDING_DIRS = {'img': ('img_emb', 'images'), 'text': ('text_emb', 'texts')}  # LAION-400M: images/, texts/
+_EMBEDDING_KINDS = ('img', 'text')
+_EMBEDDING_DIRS = {'img': ('img_emb', 'images'), 'text': ('text_emb', 'texts')}  # LAION-400M: images/, texts/
 
 def _npy_for(folder:Path, kind:str, digits:str) -> Path|None:
     "The `{kind}_emb_N.npy` in `folder` for shard number `digits`, however N is padded; None without one."
@@ -231,31 +233,32 @@ def _npy_for(folder:Path, kind:str, digits:str) -> Path|None:
     for d in dict.fromkeys([digits, n] + [n.zfill(w) for w in range(2, 9)]):
         if (p := folder/f'{kind}_emb_{d}.npy').is_file(): return p
 
+@patch
 def embedding_dir(self:Dump, kind:str='img') -> Path:
     "The folder of the `kind` embeddings: `{kind}_emb/`, or `images/` / `texts/` when it holds `{kind}_emb_N.npy` shards."
-    if kind not in EMBEDDING_KINDS: raise ValueError(f'kind must be one of {EMBEDDING_KINDS}, got {kind!r}')
+    if kind not in _EMBEDDING_KINDS: raise ValueError(f'kind must be one of {_EMBEDDING_KINDS}, got {kind!r}')
     if self.root is None:
         raise DumpError(f'{self.shards[0].parent}: not inside a dump root, so there are no {kind} embeddings to find; point Dump '
                         f'at the dump root (the folder holding {kind}_emb/ and the metadata folder). Metadata-only releases have none')
-    main, alt = (self.root/d for d in EMBEDDING_DIRS[kind])
+    main, alt = (self.root/d for d in _EMBEDDING_DIRS[kind])
     if main.is_dir(): return main
-    d = shard_digits(self.shards[0])
+    d = _shard_digits(self.shards[0])
     if alt.is_dir() and ((d and _npy_for(alt, kind, d)) or next(alt.glob(f'{kind}_emb_*.npy'), None)): return alt
     raise DumpError(f'{self.root}: no {kind} embeddings (looked for {main.name}/{kind}_emb_N.npy and {alt.name}/{kind}_emb_N.npy); '
                     f'metadata-only releases have none')
 
+# %% ../nbs/00_metadata.ipynb #b9d5e5c1
+@patch
 def embedding_files(self:Dump, kind:str='img') -> list[Path]:
     "The `{kind}_emb_N.npy` file of every metadata shard, by shard number (a missing one under its expected name)."
     folder, files, seen = self.embedding_dir(kind), [], {}
     for shard in self.shards:
-        d = shard_digits(shard)
+        d = _shard_digits(shard)
         if d is None: raise DumpError(f'{shard}: no shard number in the file name to find its {kind} embeddings by')
         if (other := seen.setdefault(int(d), shard)) != shard:
             raise DumpError(f'{shard}: same shard number as {other.name}, so their {kind} embeddings cannot be told apart')
         files.append(_npy_for(folder, kind, d) or folder/f'{kind}_emb_{d}.npy')
     return files
-
-Dump.embedding_dir, Dump.embedding_files = embedding_dir, embedding_files
 
 # %% ../nbs/00_metadata.ipynb #8b2e6d41
 def _embeddings(self:Dump, kind:str) -> list[tuple[Path, np.ndarray]]:
@@ -279,20 +282,25 @@ def _one_dim(pairs, kind):
             raise DumpError(f'{p}: {a.shape[1]}-d {kind} embeddings, but {p0.name} has {a0.shape[1]}-d ones; '
                             f'all shards of a dump must have one dimension (embeddings of two models?)')
 
+# %% ../nbs/00_metadata.ipynb #5879ba43
+@patch
 def embeddings(self:Dump, kind:str='img') -> list[np.ndarray]:
     "The `kind` embeddings of every shard, memory-mapped, after checking each lines up with its metadata."
     return [a for _, a in _embeddings(self, kind)]
 
+# %% ../nbs/00_metadata.ipynb #2a8fec24
+@patch
 def check_embeddings(self:Dump) -> pd.DataFrame:
     "One row per shard: its rows and the dtype and dimension of its embeddings; raises `DumpError` when they do not line up."
     table = {'shard': [s.name for s in self.shards], 'rows': self.shard_rows}
-    for kind in EMBEDDING_KINDS:
+    for kind in _EMBEDDING_KINDS:
         pairs = _embeddings(self, kind); _one_dim(pairs, kind)
         table[f'{kind}_dtype'] = [str(a.dtype) for _, a in pairs]
         table[f'{kind}_dim'] = [a.shape[1] for _, a in pairs]
     return pd.DataFrame(table)
 
 # %% ../nbs/00_metadata.ipynb #2a7c4f88
+@patch
 def embedding_rows(self:Dump, indices, kind:str='img') -> np.ndarray:
     "The `kind` embeddings of the rows at the global `indices`, in that order."
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -306,8 +314,6 @@ def embedding_rows(self:Dump, indices, kind:str='img') -> np.ndarray:
         sel = shard == k
         out[sel] = arrays[k][idx[sel] - self.offsets[k]]
     return out
-
-Dump.embeddings, Dump.check_embeddings, Dump.embedding_rows = embeddings, check_embeddings, embedding_rows
 
 # %% ../nbs/00_metadata.ipynb #762dff6f
 _HOST = r'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/:?#]*)'
@@ -343,6 +349,8 @@ def _describe(pairs) -> str:
     return 'mixed: ' + '; '.join(f'{k} in {len(v)} shard(s) ({", ".join(v[:2])}{", ..." if len(v) > 2 else ""})'
                                  for k, v in groups.items())
 
+# %% ../nbs/00_metadata.ipynb #be74c39d
+@patch
 def top_domains(self:Dump, n:int=20, limit:int|None=None) -> pd.DataFrame:
     "The `n` hosts with the most URLs (over the first `limit` rows), with their count and share."
     domains, _, _ = _scan(self, limit)
@@ -351,6 +359,8 @@ def top_domains(self:Dump, n:int=20, limit:int|None=None) -> pd.DataFrame:
     return pd.DataFrame({'domain': [d for d, _ in top], 'urls': [c for _, c in top],
                          'share': [round(c / total, 4) for _, c in top]})
 
+# %% ../nbs/00_metadata.ipynb #f6021031
+@patch
 def summary(self:Dump, limit:int|None=None) -> pd.DataFrame:
     "What is in the dump (over the first `limit` rows): rows, shards, embeddings, domains, captions, unusable rows."
     domains, lengths, counts = _scan(self, limit)
@@ -359,7 +369,7 @@ def summary(self:Dump, limit:int|None=None) -> pd.DataFrame:
     if self.skipped:
         rows['skipped files'] = f'{len(self.skipped)}: ' + ', '.join(f'{p.name} ({why})' for p, why in self.skipped[:4]) + \
                                 (', ...' if len(self.skipped) > 4 else '')
-    for kind in EMBEDDING_KINDS:
+    for kind in _EMBEDDING_KINDS:
         try: rows[f'{kind} embeddings'] = _describe(_embeddings(self, kind))
         except DumpError as e: rows[f'{kind} embeddings'] = f'not usable: {e}'
     rows['distinct domains'] = len(domains)
@@ -369,5 +379,3 @@ def summary(self:Dump, limit:int|None=None) -> pd.DataFrame:
                      'caption length mean': round(float(lengths.mean()), 1), 'caption length max': int(lengths.max())})
     rows.update({k: v for k, v in counts.items() if v or not k.startswith('non-text')})
     return pd.DataFrame({'value': list(rows.values())}, index=pd.Index(list(rows), name='dump'))
-
-Dump.top_domains, Dump.summary = top_domains, summary

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import LaionNbError
+from .io import atomic_open, jsonl_line
 
 # %% auto #0
-__all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'outcome', 'escape_line_breaks',
-           'RecordLog', 'BadRecordError', 'read_saved', 'read_failed', 'repair', 'forget_saved', 'merge_shards',
-           'shard_records', 'Outcomes', 'read_outcomes', 'summarize', 'write_errors_json', 'read_errors_json']
+__all__ = ['SAVED_FILE', 'FAILED_LOG', 'ERRORS_FILE', 'SHARDS_DIR', 'Saved', 'Failed', 'outcome', 'RecordLog', 'BadRecordError',
+           'read_saved', 'read_failed', 'cut_partial_lines', 'forget_saved', 'merge_shards', 'shard_records',
+           'Outcomes', 'read_outcomes', 'summary', 'write_errors_json', 'read_errors_json']
 
 # %% ../nbs/02b_records.ipynb #21c35276
 SAVED_FILE = 'image_paths.jsonl'      # one line per saved image
@@ -38,6 +39,7 @@ class Saved:
     original_width: int|None = None   # size of the image as it came, as displayed (None: a record from before it was kept)
     original_height: int|None = None
 
+# %% ../nbs/02b_records.ipynb #d5a8843a
 @dataclass(frozen=True)
 class Failed:
     "A row that could not become an image: one line of `download_errors.jsonl`."
@@ -55,18 +57,6 @@ def outcome(rec) -> str:
     return kind if isinstance(kind, str) and kind else 'saved'
 
 # %% ../nbs/02b_records.ipynb #d21e7886
-# JSON leaves these raw inside strings, but `str.splitlines()` (and so many a JSONL reader) breaks lines at them
-_LINE_BREAKS = str.maketrans({'\u2028': '\\u2028', '\u2029': '\\u2029', '\x85': '\\u0085'})
-
-def escape_line_breaks(text:str) -> str:
-    "JSON `text` with U+2028, U+2029 and U+0085 escaped, so a JSONL line stays one line for `str.splitlines()`."
-    if '\u2028' in text or '\u2029' in text or '\x85' in text: return text.translate(_LINE_BREAKS)
-    return text  # the common case: a check costs 0.07 us, a translate 2.5 us (measured on a 400-char line)
-
-def _line(rec) -> bytes:
-    "One JSON line: UTF-8 as is, the Unicode line and paragraph separators escaped."
-    return (escape_line_breaks(json.dumps(vars(rec), ensure_ascii=False, separators=(',', ':'))) + '\n').encode('utf-8')
-
 class RecordLog:
     "Append-only writer of `Saved` and `Failed` records in `out_dir`; safe across threads and processes."
     def __init__(self,
@@ -81,7 +71,7 @@ class RecordLog:
         fd = self._fds.get(name)
         if fd is None:
             fd = self._fds[name] = os.open(self.out_dir/name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        line = _line(rec)
+        line = jsonl_line(vars(rec), compact=True).encode('utf-8')  # U+2028, U+2029, U+0085 escaped
         if os.write(fd, line) != len(line): raise OSError(f'short write to {self.out_dir/name} (disk full?)')
 
     def saved(self, rec:Saved): self._write(SAVED_FILE, rec)
@@ -100,6 +90,7 @@ class RecordLog:
 class BadRecordError(LaionNbError, ValueError):
     "A line of a record file that is not a valid record; the message names the file and line."
 
+# %% ../nbs/02b_records.ipynb #a44b8d06
 def _schema(cls):
     import pyarrow as pa
     return pa.schema([(f.name, pa.int64() if f.type.startswith('int') else pa.string()) for f in fields(cls)])
@@ -125,6 +116,7 @@ def _fast(data:bytes, cls):
     t = _table(data, cls)
     return None if t is None else t.to_pandas(types_mapper=lambda ty: pd.StringDtype('pyarrow') if ty == pa.string() else None)
 
+# %% ../nbs/02b_records.ipynb #c33c2ff1
 def _record(line:bytes, cls) -> dict:
     "The fields of `cls` in one line; ValueError if it is not a record."
     rec = json.loads(line)
@@ -160,6 +152,7 @@ def _records(path:Path, cls, skip_bad_lines=False):
     df = _fast(data, cls)
     return (df, []) if df is not None else _slow(data, path, cls, skip_bad_lines)
 
+# %% ../nbs/02b_records.ipynb #4d81f6df
 def _frame(frames, bad, cls) -> pd.DataFrame:
     "One row per index (the latest record), sorted by index."
     import pandas as pd  # here, so that the download's worker processes, which only write, stay small
@@ -188,6 +181,7 @@ def read_saved(out_dir:str|Path, skip_bad_lines:bool=False) -> pd.DataFrame:
     "The saved images of `out_dir`: one row per index (its latest record), sorted by index."
     return _read(out_dir, Saved, SAVED_FILE, skip_bad_lines)
 
+# %% ../nbs/02b_records.ipynb #f87041fe
 def read_failed(out_dir:str|Path, skip_bad_lines:bool=False, saved:pd.DataFrame|None=None) -> pd.DataFrame:
     "The rows of `out_dir` that failed and were not saved since: their latest failure, sorted by index."
     failed = _read(out_dir, Failed, FAILED_LOG, skip_bad_lines)
@@ -204,7 +198,7 @@ def _last_line_end(f) -> int:
         if k >= 0: return pos + k + 1
     return 0
 
-def repair(out_dir:str|Path) -> int:
+def cut_partial_lines(out_dir:str|Path) -> int:
     "Cut half-written last lines off the logs in `out_dir`; returns the number of bytes removed."
     removed = 0
     for path in [*_log_paths(out_dir, SAVED_FILE), *_log_paths(out_dir, FAILED_LOG)]:
@@ -222,15 +216,18 @@ def forget_saved(out_dir:str|Path, indices) -> int:
     if not len(drop): return 0
     for path in _log_paths(out_dir, SAVED_FILE):
         if not path.exists(): continue
-        tmp, n = path.with_name(f'.{path.name}.{os.getpid()}.tmp'), 0
-        with open(path, 'rb') as src, open(tmp, 'wb') as dst:  # a line at a time: the log may hold a million
-            for line in src:
-                if line.strip() and (i := _index_of(line)) is not None and _among(i, drop): n += 1
-                else: dst.write(line)
-            dst.flush(); os.fsync(dst.fileno())
-        if n: os.replace(tmp, path); removed += n
-        else: os.unlink(tmp)
+        n = 0
+        try:
+            with open(path, 'rb') as src, atomic_open(path, 'wb') as dst:  # a line at a time: the log may hold a million
+                for line in src:
+                    if line.strip() and (i := _index_of(line)) is not None and _among(i, drop): n += 1
+                    else: dst.write(line)
+                if not n: raise _Unchanged  # nothing to drop: the log stays as it is, not replaced by a copy
+        except _Unchanged: pass
+        removed += n
     return removed
+
+class _Unchanged(Exception): "Raised inside `atomic_open` to leave the file as it was."
 
 def _among(i, sorted_values) -> bool:
     import numpy as np
@@ -247,7 +244,7 @@ def _index_of(line:bytes):
 def merge_shards(out_dir:str|Path) -> int:
     "Append every shard's logs to the main logs of `out_dir` and remove them; returns the shards merged."
     out_dir = Path(out_dir)
-    repair(out_dir)
+    cut_partial_lines(out_dir)
     shards = sorted(p for p in (out_dir/SHARDS_DIR).glob('*') if p.is_dir())
     for shard in shards:
         for name in (SAVED_FILE, FAILED_LOG):
@@ -288,6 +285,7 @@ def _blocks(path:Path, size:int|None=None):
             before += data.count(b'\n', 0, cut); pos += cut; rest = data[cut:]
     # what is left in `rest` is a last line without its newline, cut short by a kill: dropped, as by `_records`
 
+# %% ../nbs/02b_records.ipynb #46e8a243
 def _columns(path, cls, names, skip_bad_lines, bad):
     "The log at `path` a block at a time, as dicts of numpy arrays: the fields `names`, and `offset` (where each line starts)."
     import numpy as np
@@ -307,6 +305,7 @@ def _columns(path, cls, names, skip_bad_lines, bad):
         cols = {n: np.array([r[n] for r in recs], dtype=np.int64 if n == 'index' else object) for n in names}
         yield {**cols, 'offset': starts[keep]}
 
+# %% ../nbs/02b_records.ipynb #7d60f1da
 def _latest(index):
     "Positions of the last occurrence of each value of `index`, in the order of the values."
     import numpy as np
@@ -332,6 +331,7 @@ def _json_value(k, v):
     if v is None or (isinstance(v, float) and v != v): return None
     return int(v) if k in _INT_FIELDS or hasattr(v, 'dtype') else v
 
+# %% ../nbs/02b_records.ipynb #9c332ba2
 @dataclass
 class Outcomes:
     "The latest outcome of every row of an output dir, in a few arrays; the failure records stay in their logs."
@@ -345,7 +345,7 @@ class Outcomes:
     bad_lines: list         # bad lines skipped (with `skip_bad_lines`)
 
     def summary(self) -> dict:
-        "Counts as `summarize` gives them."
+        "Counts as `summary` gives them."
         import numpy as np
         statuses = self.status[~np.isnan(self.status)].astype(int).tolist()
         return {'attempted': len(self.saved) + len(self.failed), 'saved': len(self.saved), 'failed': len(self.failed),
@@ -388,6 +388,7 @@ def _failed_small(types:dict):
                 'error_type': np.array([types.setdefault(t, t) for t in cols['error_type'].tolist()], dtype=object)}
     return small
 
+# %% ../nbs/02b_records.ipynb #b5483925
 def read_outcomes(out_dir:str|Path, skip_bad_lines:bool=False) -> Outcomes:
     "The latest outcome of every row of `out_dir`, read a block at a time: what the start and the end of a run need."
     import numpy as np
@@ -407,7 +408,7 @@ def read_outcomes(out_dir:str|Path, skip_bad_lines:bool=False) -> Outcomes:
                     np.stack([f['log'][last], f['offset'][last]], axis=1).astype(np.int64), logs, bad)
 
 # %% ../nbs/02b_records.ipynb #c2695643
-def summarize(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFrame|None=None) -> dict:
+def summary(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFrame|None=None) -> dict:
     "Counts of the rows of `out_dir`: attempted, saved, failed, failures by type and by HTTP status."
     if saved is None and failed is None: return read_outcomes(out_dir).summary()
     if saved is None: saved = read_saved(out_dir)
@@ -417,6 +418,7 @@ def summarize(out_dir:str|Path, saved:pd.DataFrame|None=None, failed:pd.DataFram
             'by_type': dict(Counter(failed['error_type']).most_common()),
             'by_status': {str(k): v for k, v in Counter(statuses).most_common()}}
 
+# %% ../nbs/02b_records.ipynb #b02b3fcd
 def _write_doc(f, summary:dict, errors:Iterator[dict]):
     "Write `{'summary': summary, 'errors': [...errors]}` to `f` as `json.dumps(doc, ensure_ascii=False, indent=1)` would, one error at a time."
     head, tail = json.dumps({'summary': summary, 'errors': [0]}, ensure_ascii=False, indent=1).split('\n  0\n')
@@ -435,13 +437,12 @@ def write_errors_json(out_dir:str|Path,
     if not len(o.failed):
         path.unlink(missing_ok=True)
         return None
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f: _write_doc(f, o.summary(), o.failures())
-    os.replace(tmp, path)
+    with atomic_open(path, 'w') as f: _write_doc(f, o.summary(), o.failures())
     return path
 
+# %% ../nbs/02b_records.ipynb #60849b4a
 def read_errors_json(out_dir:str|Path) -> dict:
     "The contents of `download_errors.json` (empty summary when there is none)."
     path = Path(out_dir)/ERRORS_FILE
-    if not path.exists(): return {'summary': summarize(out_dir), 'errors': []}
+    if not path.exists(): return {'summary': summary(out_dir), 'errors': []}
     return json.loads(path.read_text(encoding='utf-8'))

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import html, io, math, threading, time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 
 import ipywidgets as W
@@ -300,7 +299,7 @@ class ErrorBreakdown(_Panel):
         self.out_dir, self.n_samples = _check_dir(out_dir), samples
         self.saved = records.read_saved(self.out_dir)
         self.failed = records.read_failed(self.out_dir, saved=self.saved)
-        self.summary = records.summarize(self.out_dir, self.saved, self.failed)
+        self.summary = records.summary(self.out_dir, self.saved, self.failed)
         s, f = self.summary, self.failed
         self.outcome = pd.DataFrame({'count': [s['saved'], s['failed']]}, index=pd.Index(['saved', 'failed'], name='label'))
         self.outcome['share'] = self.outcome['count'] / max(s['attempted'], 1)
@@ -374,12 +373,6 @@ def __repr__(self:ErrorBreakdown):
         if len(df): lines += _text_table(title, df) + ['']
     return '\n'.join(lines).rstrip()
 
-# %% ../nbs/05_widgets.ipynb #0cb088f4
-def _outcome(rec) -> str:  # a `records.Saved`/`records.Failed`, a dict or a frame's row
-    "'saved', or the error type of a failed row."
-    kind = rec.get('error_type') if isinstance(rec, Mapping) else getattr(rec, 'error_type', None)
-    return kind if isinstance(kind, str) and kind else 'saved'
-
 # %% ../nbs/05_widgets.ipynb #2b1bf310
 def _duration(seconds:float) -> str:
     m, s = divmod(int(seconds), 60); h, m = divmod(m, 60)
@@ -394,6 +387,7 @@ def _rate(r:float) -> str:
     "A rate with one decimal, or two significant digits under 0.1 (0.0033, not 0.0)."
     return f'{r:,.1f}' if r >= 0.1 or r == 0 else f'{r:.2g}'
 
+# %% ../nbs/05_widgets.ipynb #87f64001
 class LiveProgress(_Panel):
     "Progress of a download as a notebook panel: a bar, counts per outcome and throughput."
     def __init__(self, interval:float=0.25,  # least time between redraws, in seconds
@@ -426,11 +420,12 @@ def start(self:LiveProgress, total:int):  # rows the download will try
 def update(self:LiveProgress, rec:records.Saved|records.Failed):  # the record of a row that ended
     "Count one ended row; redraw if `interval` has passed since the last redraw."
     with self._lock:
-        self.counts[_outcome(rec)] += 1
+        self.counts[records.outcome(rec)] += 1
         self.done += 1
         if self.in_flight: self.in_flight -= 1  # it was in flight until now
         if time.monotonic() - self._drawn >= self.interval: self._draw()
 
+# %% ../nbs/05_widgets.ipynb #f77e2916
 @patch
 def waiting(self:LiveProgress, in_flight:int,  # rows started and not yet recorded
             longest:float):                    # seconds until the oldest of them must end
@@ -440,6 +435,7 @@ def waiting(self:LiveProgress, in_flight:int,  # rows started and not yet record
         self.in_flight, self._deadline = max(0, int(in_flight)), now + max(0.0, float(longest))
         if now - self._drawn >= self.interval: self._draw()
 
+# %% ../nbs/05_widgets.ipynb #e6befae9
 @patch
 def close(self:LiveProgress):
     "Draw the final state, with the run's true rate."

@@ -243,7 +243,7 @@ def test_gallery_and_breakdown_render_in_jupyterlab(tmp_path, demo_dump):
     out = make_output(tmp_path/'download', demo_dump(n=60, fail_share=0.3, failures=demo.BENCH_FAILURES))
     shutil.copytree(out, root/'out')
     (root/'widgets_check.ipynb').write_text(json.dumps(notebook('out')))
-    summary = records.summarize(root/'out')
+    summary = records.summary(root/'out')
     assert summary['saved'] > 0 and summary['failed'] > 0, summary
     failed_index = records.read_failed(root/'out')['index'].tolist()
     saved = records.read_saved(root/'out')

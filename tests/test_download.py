@@ -148,7 +148,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, pro
             if log.exists() and log.read_bytes().count(b'\n') >= 150: break
             time.sleep(0.05)
         os.killpg(p.pid, signal.SIGKILL); p.wait()
-        done_before = records.summarize(out)['attempted']
+        done_before = records.summary(out)['attempted']
         assert 150 <= done_before < 600, 'killed mid-run'
         resumed = cli(*args, '--output-dir', out)
         assert resumed.returncode == 0, resumed.stderr
@@ -223,7 +223,7 @@ def test_interrupt_keeps_records_and_exits_130(tmp_path, processes):
         out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
     assert 'run the same command again to resume' in err
-    n = records.summarize(tmp_path/'out')['saved']
+    n = records.summary(tmp_path/'out')['saved']
     assert 20 <= n < 400
     assert_clean(tmp_path/'out')
 
@@ -238,9 +238,9 @@ def test_errors_json_is_what_the_frames_give_byte_for_byte(server, tmp_path):
         log.saved(records.Saved(first, 'images/x.jpg', 'u', 'c', 64, 64, 1, '00'))
     saved, failed = records.read_saved(out), records.read_failed(out)
     errors = [{k: records._json_value(k, v) for k, v in rec.items()} for rec in failed.to_dict('records')]
-    want = json.dumps({'summary': records.summarize(out, saved, failed), 'errors': errors}, ensure_ascii=False, indent=1)
+    want = json.dumps({'summary': records.summary(out, saved, failed), 'errors': errors}, ensure_ascii=False, indent=1)
     assert records.write_errors_json(out).read_text(encoding='utf-8') == want
-    assert records.summarize(out) == records.summarize(out, saved, failed) and len(errors) == rep.totals['failed'] - 1
+    assert records.summary(out) == records.summary(out, saved, failed) and len(errors) == rep.totals['failed'] - 1
 
 
 def _python_peak(f):

@@ -82,12 +82,12 @@ def test_pixel_budget_bounds_peak_rss(tmp_path):
     grew = r['peak'] - r['base']
     print(f"peak RSS {r['peak'] / 2**20:.0f} MiB, {grew / 2**20:.0f} MiB over the start, address space {r['vm'] / 2**20:.0f} MiB")
     assert r['peak'] < 1.5e9
-    assert grew < images.PIXEL_BUDGET.limit + 200 * 2**20
+    assert grew < images._PIXEL_BUDGET.limit + 200 * 2**20
 
 
 def test_budget_waits_and_runs_big_alone():
     "Checks in flight never hold more than the limit, except one image larger than the limit, which runs alone."
-    b, lock, inside, seen = images.PixelBudget(100), threading.Lock(), [], []
+    b, lock, inside, seen = images._PixelBudget(100), threading.Lock(), [], []
     def one(cost):
         with b(cost):
             with lock: inside.append(cost); seen.append((sum(inside), len(inside), max(inside)))
@@ -105,7 +105,7 @@ def test_budget_waits_and_runs_big_alone():
 def test_budget_survives_an_interrupted_waiter():
     "A waiter interrupted by Ctrl-C leaves the queue: the ones behind it still run; a failing check gives its bytes back."
     import signal
-    b, release = images.PixelBudget(100), threading.Event()
+    b, release = images._PixelBudget(100), threading.Event()
     def holder():
         with b(100): release.wait(5)
     t = threading.Thread(target=holder); t.start(); time.sleep(0.05)
@@ -222,7 +222,7 @@ def valid_jpegs():
 
 def test_valid_jpegs_are_never_refused():
     for name, data in valid_jpegs():
-        lay = images.jpeg_layout(data)
+        lay = images._jpeg_layout(data)
         assert lay.end == len(data) and 0 < lay.least <= lay.entropy, (name, lay)
         c = check_image(data)
         im = Image.open(io.BytesIO(data))
@@ -237,7 +237,7 @@ def test_trailing_garbage_is_cut_at_eoi(kw):
     html = b'<!doctype html><html><body>' + b'\xff\xd9 not an image ' * 50 + b'</body></html>'
     c = check_image(good + html)
     assert (c.data, c.converted, c.width) == (good, False, 400)
-    assert images.jpeg_layout(good + html).end == len(good)
+    assert images._jpeg_layout(good + html).end == len(good)
     assert decoded(check_image(good + html, ImageRules(resize=200))).size == (200, 150)
     assert error_type(good[:len(good) // 2] + b'<html><body>gone</body></html>') == 'corrupt'  # cut off in the middle: still corrupt
 
@@ -246,7 +246,7 @@ def test_jpeg_layout_of_broken_files():
     "No EOI, a length past the end, a file of a few bytes: no end found, nothing raised."
     good = enc(photo(100, 80))
     for data in [good[:-2], good[:30], b'\xff\xd8\xff', b'\xff\xd8\xff\xe0\xff\xff' + b'\0' * 10]:
-        assert images.jpeg_layout(data).end is None
+        assert images._jpeg_layout(data).end is None
 
 
 def test_stray_bytes_and_mpo():
@@ -254,7 +254,7 @@ def test_stray_bytes_and_mpo():
     good = enc(photo(200, 150))
     i = good.find(b'\xff\xdb')
     stray = good[:i] + b'\x00\x00junk' + good[i:]
-    a, b = images.jpeg_layout(good), images.jpeg_layout(stray)
+    a, b = images._jpeg_layout(good), images._jpeg_layout(stray)
     assert (b.end, b.entropy, b.least) == (len(stray), a.entropy, a.least)
     c = check_image(stray)
     assert (c.width, c.height, c.converted) == (200, 150, False)

@@ -45,3 +45,22 @@ def test_concurrent_writers_of_one_file_never_mix(tmp_path):
     lines = path.read_text(encoding='utf-8').splitlines()
     assert len(lines) == 2000 and len({l.split()[0] for l in lines}) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ['index.jsonl']
+
+
+def test_record_log_lines_are_compact_json_with_line_breaks_escaped(tmp_path):
+    "RecordLog writes through `jsonl_line(compact=True)`: the bytes the logs always had (resume peeks at their `{\"index\":`)."
+    import json
+    from laion_nb.records import FAILED_LOG, SAVED_FILE, Failed, RecordLog, Saved
+    cap = 'a "cat" 猫 😀 one\u2028two\u2029three\x85four \\ \t'
+    recs = [Saved(3, 'images/3.jpg', 'http://a.example/3.jpg', cap, 64, 80, 1234, 'ab' * 32),
+            Saved(4, 'images/4.jpg', 'u', cap, 64, 80, 1234, 'cd' * 32, 640, 800)]
+    fails = [Failed(5, 'u5', 'timeout', None, cap, 4), Failed(6, 'u6', 'http_status', 404, 'HTTP 404', 1)]
+    with RecordLog(tmp_path) as log:
+        for r in recs: log.saved(r)
+        for r in fails: log.failed(r)
+    def old(r):  # how records wrote a line before io: json.dumps, compact, then the three line breaks escaped by hand
+        s = json.dumps(vars(r), ensure_ascii=False, separators=(',', ':'))
+        return s.replace('\u2028', '\\u2028').replace('\u2029', '\\u2029').replace('\x85', '\\u0085') + '\n'
+    assert (tmp_path/SAVED_FILE).read_bytes() == ''.join(map(old, recs)).encode('utf-8')
+    assert (tmp_path/FAILED_LOG).read_bytes() == ''.join(map(old, fails)).encode('utf-8')
+    assert (tmp_path/SAVED_FILE).read_bytes().startswith(b'{"index":3,')

@@ -102,7 +102,7 @@ def test_a_worker_killed_mid_shard_gives_the_same_result(cluster, tmp_path):
         assert killed and not run.is_alive()
         local = download(replace(cfg, output_dir=tmp_path/'local'), progress=None)
     rep = result['rep']
-    assert records.summarize(tmp_path/'dask')['attempted'] == 800
+    assert records.summary(tmp_path/'dask')['attempted'] == 800
     assert outcome(tmp_path/'dask') == outcome(tmp_path/'local')
     # rows the rescheduled shard fetched again count once, with their last outcome
     assert (rep.attempted, rep.saved, rep.failed, rep.by_type) == (local.attempted, local.saved, local.failed, local.by_type)
@@ -119,7 +119,7 @@ def test_cli_dask_scheduler(cluster, tmp_path):
                             '--allow-private-networks', '--quiet', '--timeout', '2', '--dask-scheduler', c.scheduler_address,
                             '--shard-size', '15'], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
-    assert records.summarize(tmp_path/'out')['attempted'] == 40
+    assert records.summary(tmp_path/'out')['attempted'] == 40
     assert_clean(tmp_path/'out')
 
 
