@@ -317,3 +317,18 @@ def test_run_rows_returns_only_after_the_last_record(server, tmp_path):
     seen = len(got)
     time.sleep(0.5)  # anything still on its way would land here
     assert (n, seen, len(got), sorted(got)) == (60, 60, 60, list(range(60)))
+
+
+def test_imports_point_one_way():
+    "run <- pool <- download <- scale <- cli: no module imports one after it (at module level or inside a function), so no circle."
+    import ast, laion_nb
+    order = ['run', 'pool', 'download', 'scale', 'cli']
+    for k, name in enumerate(order):
+        tree = ast.parse((Path(laion_nb.__file__).parent/f'{name}.py').read_text())
+        used = {(n.module or '').split('.')[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        used |= {a.name.split('.')[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        later = used & set(order[k + 1:])
+        assert not later - ({'cli'} if name == 'download' else set()), f'{name} imports {later}'  # download's `main` alias and -m guard
+    for name in order:  # each loads on its own
+        r = subprocess.run([sys.executable, '-c', f'import laion_nb.{name}'], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
