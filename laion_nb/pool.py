@@ -255,10 +255,10 @@ def submit(self:RowPool, row, stop:threading.Event) -> bool:
         return True
     return False
 
-# %% ../nbs/03b_pool.ipynb #ff55fdf3
 @patch
 def _start(self:RowPool, f:_Flight): f.task = self.loop.create_task(self._run_row(f))
 
+# %% ../nbs/03b_pool.ipynb #3a4c071e
 @patch
 def drain(self:RowPool):
     "Wait for the rows in flight, watching them, then close the loop."

@@ -32,12 +32,13 @@ class Shard:
     def name(self) -> str: return f'{self.start:012d}-{self.stop:012d}'  # sorts in row order
     def __len__(self): return self.stop - self.start
 
+# %% ../nbs/07_scale.ipynb #abfed494
 def plan_shards(n_rows:int, shard_size:int=SHARD_SIZE) -> list[Shard]:
     "Cut rows `0` to `n_rows` into shards of `shard_size` rows (the last one shorter)."
     if shard_size < 1: raise ValueError(f'shard size (--shard-size) must be at least 1, got {shard_size}')
     return [Shard(lo, min(n_rows, lo + shard_size)) for lo in range(0, n_rows, shard_size)]
 
-# %% ../nbs/07_scale.ipynb #443d81be
+# %% ../nbs/07_scale.ipynb #674c260a
 def _shard_done(out_dir, shard:Shard, retry_failed:bool) -> set[int]:
     saved, failed = records.shard_records(out_dir, shard.name)
     done = {r['index'] for r in saved}
@@ -56,7 +57,7 @@ def run_shard(cfg:DownloadConfig, shard:Shard, done=()) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     return {'shard': shard.name, **sink.counts}
 
-# %% ../nbs/07_scale.ipynb #8e3596ea
+# %% ../nbs/07_scale.ipynb #e8b56ed0
 class _ShardTail:
     "Reads the records the shards of `out_dir` append, from where it last stopped."
     def __init__(self, out_dir): self.out_dir, self.offsets = Path(out_dir), {}
@@ -78,7 +79,7 @@ class _ShardTail:
                     except (ValueError, TypeError): pass  # a bad line is the readers' to report
         return new
 
-# %% ../nbs/07_scale.ipynb #f688a833
+# %% ../nbs/07_scale.ipynb #228f4aeb
 _KINDS = ('saved',) + ERROR_TYPES  # a row's outcome, as its place here plus one (0: no record yet)
 
 class _Follow:
@@ -92,14 +93,14 @@ class _Follow:
     @property
     def recorded(self) -> int: return int(np.count_nonzero(self.last))
 
-# %% ../nbs/07_scale.ipynb #4b8686ff
+# %% ../nbs/07_scale.ipynb #df375be5
 def _need_dask():
     "`dask.distributed`, or `MissingExtra` saying how to install it."
     try: import dask.distributed
     except ImportError as e: raise MissingExtra(f"the Dask executor needs: pip install 'laion_nb[dask]' ({e})") from None
     return dask.distributed
 
-# %% ../nbs/07_scale.ipynb #098d2f5e
+# %% ../nbs/07_scale.ipynb #63dbc7b0
 class DaskExecutor(Executor):
     "A Dask cluster: one task per shard of `shard_size` rows; the output dir must be on a filesystem the workers share."
     def __init__(self, client=None,              # a `dask.distributed.Client`, a scheduler address, or None: a LocalCluster
@@ -120,7 +121,7 @@ class DaskExecutor(Executor):
         if isinstance(self.client, str): c = Client(self.client); return c, [c]
         return self.client, []
 
-# %% ../nbs/07_scale.ipynb #3ff76d93
+# %% ../nbs/07_scale.ipynb #a30c6564
 def _work(done:np.ndarray, n_rows:int, shard_size:int) -> list[tuple[Shard, list[int]]]:
     "The shards of rows `0` to `n_rows` with rows not in `done` (sorted), each with the done rows of its range."
     work = []
@@ -129,6 +130,7 @@ def _work(done:np.ndarray, n_rows:int, shard_size:int) -> list[tuple[Shard, list
         if hi - lo < len(sh): work.append((sh, done[lo:hi].tolist()))
     return work
 
+# %% ../nbs/07_scale.ipynb #c61cc476
 @patch
 def __call__(self:DaskExecutor, run:Run):
     "Do the pending rows of `run` as shard tasks on the cluster, their records followed into `run.sink`."
@@ -154,7 +156,7 @@ def __call__(self:DaskExecutor, run:Run):
         for c in to_close: c.close()
         records.merge_shards(run.out)
 
-# %% ../nbs/07_scale.ipynb #b37d2d14
+# %% ../nbs/07_scale.ipynb #5d4b05ba
 def download_on_dask(cfg:DownloadConfig,
                      client=None,                   # a `dask.distributed.Client`, a scheduler address, or None: a LocalCluster
                      shard_size:int=SHARD_SIZE,     # rows per shard
