@@ -37,7 +37,7 @@ def main():
     try:
         with Server(a.latency) as server:
             dump = make_demo_dump(tmp/'dump', server, n=a.rows, fail_share=0.1, shard_rows=10_000)
-            cfg = DownloadConfig(metadata=dump, output_dir=tmp/'local', allow_private_networks=True, threads=a.threads,
+            cfg = DownloadConfig.build(metadata=dump, output_dir=tmp/'local', allow_private_networks=True, threads=a.threads,
                                  per_host=a.threads)
             rows = []
             c0, t0 = cpu(), time.monotonic()

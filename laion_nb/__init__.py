@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _WHERE = {  # public name -> the module that defines it, in the order a user meets them
     'Dump': 'metadata',                                                # 00_metadata: open a dump
     'DownloadConfig': 'download', 'download': 'download',              # 03_download: fetch its pictures
-    'DownloadReport': 'download',
+    'DownloadReport': 'run',
     'FetchConfig': 'fetch', 'ImageRules': 'images',                    # 01_fetch, 02_images: how one URL is fetched and checked
     'IndexConfig': 'makeindex', 'LaionIndex': 'makeindex',             # 04_makeindex: write the training index
     'Esc50Index': 'makeindex', 'makeindex': 'makeindex', 'load_index': 'makeindex',

@@ -505,7 +505,7 @@ def run_demo(data_root:str|Path|None=None, quiet:bool=False) -> dict:
         dump = make_demo_dump(data_root/'laion-1m-vit-h-14', server)
         make_demo_esc50(data_root/'ESC-50')
         say(f'demo data root: {data_root}\nimage server: {server.base}\n')
-        cfg = DownloadConfig(metadata=dump, output_dir=dump, timeout=2.0, retries=2, allow_private_networks=True)
+        cfg = DownloadConfig.build(metadata=dump, output_dir=dump, timeout=2.0, retries=2, allow_private_networks=True)
         rep = download(cfg, progress='auto' if not quiet else None)
     say(rep)
     idx = makeindex(IndexConfig(data_root=data_root, laion=LaionIndex(allow_private_networks=True)))  # its URLs are on 127.0.0.1

@@ -41,7 +41,7 @@ class FetchConfig:
     backoff_busy:float=1.0         # the same after a 429 or 503 without Retry-After: the server asked for less
     max_backoff:float=10.0         # the longest wait before a retry, Retry-After included
     kept_connections:int=256       # idle keep-alive connections kept for reuse (all hosts); the least recently used close first
-    user_agent:str=_USER_AGENT
+    user_agent:str=_USER_AGENT       # the User-Agent header sent with every request
 
     def __post_init__(self):
         def number(name, lo, hi, open_lo=False):

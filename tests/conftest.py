@@ -40,5 +40,5 @@ def demo_dump(demo_server, tmp_path):
 def download_quick(dump:Path, out:Path|None=None, **kw):
     "Download `dump` (into `out`, default the dump) with the quick settings; returns the report."
     from laion_nb.download import DownloadConfig, download
-    cfg = DownloadConfig(metadata=dump, output_dir=out or dump, **{**QUICK, **kw})
+    cfg = DownloadConfig.build(metadata=dump, output_dir=out or dump, **{**QUICK, **kw})
     return download(cfg, progress=None)

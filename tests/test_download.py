@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 from PIL import Image
 
 from laion_nb import demo, records
-from laion_nb.download import DownloadConfig, _parser, download, main
+from laion_nb.cli import _parser, main
+from laion_nb.download import DownloadConfig, download
 from laion_nb.errors import ERROR_TYPES, is_transient
 
 
@@ -26,7 +28,7 @@ def server():
 
 def cfg_for(dump, out, **kw):
     kw = {'timeout': 1.0, 'retries': 1, 'allow_private_networks': True, 'processes': 1, **kw}
-    return DownloadConfig(metadata=dump, output_dir=out, **kw)
+    return DownloadConfig.build(metadata=dump, output_dir=out, **kw)
 
 
 def outcome(out):
@@ -82,7 +84,7 @@ def test_private_addresses_are_refused_by_default(server, tmp_path):
     pd.DataFrame({'url': [server.url(f'img/{i}.jpg') for i in range(5)] + ['http://169.254.169.254/latest/meta-data'],
                   'caption': ['x'] * 6}).to_parquet(dump)
     before = sum(server.hits.values())
-    rep = download(DownloadConfig(metadata=dump, output_dir=tmp_path/'out', processes=1), progress=None)
+    rep = download(DownloadConfig.build(metadata=dump, output_dir=tmp_path/'out', processes=1), progress=None)
     assert rep.by_type == {'blocked_address': 6} and rep.saved == 0
     assert sum(server.hits.values()) == before, 'not a single request reached the server'
 
@@ -165,8 +167,45 @@ def test_cli_help_lists_every_flag():
                  '--resize', '--retry-failed', '--no-opt-out-check', '--allow-private-networks', '--max-bytes', '--quiet'):
         assert flag in r.stdout, flag
     a = _parser().parse_args([])  # the guide's defaults
-    assert (a.metadata, a.output_dir, a.max_samples, a.timeout, a.retry) == \
+    assert (a.metadata, a.output_dir, a.max_samples, getattr(a, 'fetch.timeout'), getattr(a, 'fetch.retries')) == \
            ('data_formal_alin/laion-1m-vit-h-14/metadate/metadata_000.parquet', 'data_formal_alin/laion-1m-vit-h-14', None, 10.0, 3)
+
+
+
+def _help_entries(text:str) -> dict:
+    "The help of each option in `--help` output: its first line's flags, and its text joined over the wrapped lines."
+    entries, flag = {}, None
+    for line in text.split('options:', 1)[1].splitlines():
+        if re.match(r'  -', line):
+            flag, _, rest = line.strip().partition('  ')
+            flag = flag.split()[0].rstrip(','); entries[flag] = rest.strip()
+        elif flag and line.startswith('      ') and line.strip(): entries[flag] += ' ' + line.strip()
+        else: flag = None
+    return entries
+
+
+def test_help_shows_each_field_default_once():
+    "`download_laion_images --help` shows for each flag made from a field the default the dataclass has: each default is written once."
+    from laion_nb import cli as cli_module
+    from laion_nb.fetch import FetchConfig
+    from laion_nb.images import ImageRules
+    exe = shutil.which('download_laion_images')
+    r = subprocess.run([exe, '--help'] if exe else [sys.executable, '-m', 'laion_nb.cli', '--help'], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, 'COLUMNS': '250'})
+    assert r.returncode == 0, r.stderr
+    entries = _help_entries(r.stdout)
+    parts, checked = {None: DownloadConfig(), 'fetch': FetchConfig(), 'images': ImageRules()}, 0
+    defaults = _parser().parse_args([])
+    for part, names in cli_module._OPTIONS.items():
+        for name in names:
+            default, flag = getattr(parts[part], name), cli_module._flag(name)
+            shown = re.findall(r'\(default: (.*?)\)$', entries[flag])
+            assert shown == ([] if default is None or isinstance(default, bool) else [str(default)]), (flag, entries[flag], default)
+            assert getattr(defaults, f'{part}.{name}' if part else name) == default, flag
+            checked += 1
+    assert checked >= 20 and {'--retry', '--no-opt-out-check', '--timeout', '--max-bytes', '--resize-mode'} <= set(entries)
+    from fastcore.docments import docments
+    assert entries['--retry'].startswith(docments(FetchConfig)['retries']), entries['--retry']  # the field's comment is the help
 
 
 def test_cli_resize_and_max_samples(server, tmp_path):
@@ -180,8 +219,8 @@ def test_cli_resize_and_max_samples(server, tmp_path):
 
 
 @pytest.mark.parametrize('argv, want', [
-    (['--max-samples', '-1'], '--max-samples must be at least 0'),
-    (['--threads', '0'], '--threads must be at least 1'),
+    (['--max-samples', '-1'], '--max-samples: max_samples must be at least 0'),
+    (['--threads', '0'], '--threads: threads must be at least 1'),
     (['--timeout', '0'], 'argument --timeout: must be > 0'),
     (['--metadata', '/nonexistent/meta.parquet'], '/nonexistent/meta.parquet'),
 ])
@@ -240,7 +279,7 @@ def test_errors_json_is_what_the_frames_give_byte_for_byte(server, tmp_path):
     errors = [{k: records._json_value(k, v) for k, v in rec.items()} for rec in failed.to_dict('records')]
     want = json.dumps({'summary': records.summary(out, saved, failed), 'errors': errors}, ensure_ascii=False, indent=1)
     assert records.write_errors_json(out).read_text(encoding='utf-8') == want
-    assert records.summary(out) == records.summary(out, saved, failed) and len(errors) == rep.totals['failed'] - 1
+    assert records.summary(out) == records.summary(out, saved, failed) and len(errors) == rep.summary['failed'] - 1
 
 
 def _python_peak(f):
@@ -252,7 +291,7 @@ def _python_peak(f):
 
 def test_resume_and_end_hold_no_python_object_per_row(tmp_path, monkeypatch):
     "The start (done rows) and the end (download_errors.json) of a run grow by a few bytes per row, not by a record or a set entry."
-    from laion_nb.download import done_indices
+    from laion_nb.run import done_indices
     monkeypatch.setattr(records, '_BLOCK', 2**16, raising=False)  # blocks far smaller than the logs: what is left grows with the rows
     peaks = []
     for n in (10_000, 40_000):
@@ -269,12 +308,27 @@ def test_resume_and_end_hold_no_python_object_per_row(tmp_path, monkeypatch):
 
 def test_run_rows_returns_only_after_the_last_record(server, tmp_path):
     "A slow `emit` (a busy disk): when run_rows returns, every row's record has been passed to it, none comes later."
-    from laion_nb.download import run_rows
+    from laion_nb.pool import run_rows
     got = []
     def emit(rec): time.sleep(0.02); got.append(rec.index)
-    cfg = DownloadConfig(output_dir=tmp_path, threads=16, timeout=5, retries=0, allow_private_networks=True)
+    cfg = DownloadConfig.build(output_dir=tmp_path, threads=16, timeout=5, retries=0, allow_private_networks=True)
     rows = [(k, server.url(f'img/{k}.jpg'), 'x') for k in range(60)]
     n = run_rows(cfg, rows, emit)
     seen = len(got)
     time.sleep(0.5)  # anything still on its way would land here
     assert (n, seen, len(got), sorted(got)) == (60, 60, 60, list(range(60)))
+
+
+def test_imports_point_one_way():
+    "run <- pool <- download <- scale <- cli: no module imports one after it (at module level or inside a function), so no circle."
+    import ast, laion_nb
+    order = ['run', 'pool', 'download', 'scale', 'cli']
+    for k, name in enumerate(order):
+        tree = ast.parse((Path(laion_nb.__file__).parent/f'{name}.py').read_text())
+        used = {(n.module or '').split('.')[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        used |= {a.name.split('.')[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        later = used & set(order[k + 1:])
+        assert not later - ({'cli'} if name == 'download' else set()), f'{name} imports {later}'  # download's `main` alias and -m guard
+    for name in order:  # each loads on its own
+        r = subprocess.run([sys.executable, '-c', f'import laion_nb.{name}'], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr

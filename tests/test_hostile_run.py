@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_nb import demo, records
-from laion_nb.download import DownloadConfig, TextProgress, download, main
+from laion_nb.cli import main
+from laion_nb.download import DownloadConfig, download
+from laion_nb.run import TextProgress
 from laion_nb.errors import is_transient
 
 
@@ -27,7 +29,7 @@ def server():
 
 def cfg_for(dump, out, **kw):
     kw = {'timeout': 1.0, 'retries': 1, 'allow_private_networks': True, 'processes': 1, **kw}
-    return DownloadConfig(metadata=dump, output_dir=out, **kw)
+    return DownloadConfig.build(metadata=dump, output_dir=out, **kw)
 
 
 def bounded(cfg, seconds=60, **kw):
@@ -111,7 +113,7 @@ def test_rows_behind_stuck_rows_still_run_and_stuck_ones_are_timeouts(server, tm
     assert failed['error_type'].to_dict() == {0: 'timeout', 1: 'timeout'}
     assert 'hard deadline' in failed.loc[0, 'message']
     assert rep.saved == 20 and records.read_saved(out)['index'].tolist() == list(range(2, 22))
-    assert took < cfg.timeout, f'{took:.1f} s: the rows behind waited for the stuck ones'
+    assert took < cfg.fetch.timeout, f'{took:.1f} s: the rows behind waited for the stuck ones'
     assert {p.name for p in (out/'images').iterdir()} == {f'{i}.jpg' for i in range(2, 22)}, 'no image of a given-up row'
 
 
@@ -132,7 +134,7 @@ def test_an_image_deleted_after_its_record_is_fetched_again(server, tmp_path):
     pd.DataFrame({'url': [server.url(f'img/{i}.jpg') for i in range(4)] + [server.url('status/404')] + [server.url('img/5.jpg')],
                   'caption': ['c'] * 6}).to_parquet(tmp_path/'d.parquet')
     rep = bounded(cfg_for(tmp_path/'d.parquet', out), progress=None)
-    assert rep.missing == 1 and rep.totals['saved'] == 5 and rep.totals['by_type'] == {'http_status': 1}
+    assert rep.missing == 1 and rep.summary['saved'] == 5 and rep.summary['by_type'] == {'http_status': 1}
 
 
 @pytest.mark.parametrize('value', ['inf', 'nan', '-inf', '1e9', '0'])
@@ -145,7 +147,7 @@ def test_timeout_flag_refuses_non_finite_and_absurd_values(server, tmp_path, cap
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert 'argument --timeout: must be' in last, last
     assert not (tmp_path/'out').exists(), 'nothing ran'
-    with pytest.raises(ValueError, match='timeout must be'): DownloadConfig(timeout=float(value))
+    with pytest.raises(ValueError, match='timeout must be'): DownloadConfig.build(timeout=float(value))
 
 
 def test_a_config_error_names_its_flag(tmp_path, capsys):
@@ -218,7 +220,7 @@ def test_a_hostile_mixed_run_ends_in_time_with_one_record_per_row(server, tmp_pa
     took = time.monotonic() - t0
     # each row slot: every attempt timing out, the wait before the retry (at most 1 s here: 503 asks for
     # Retry-After: 1, the first backoff is under 0.75 s), and 2 s to spare
-    assert took < slots * ((cfg.retries + 1) * cfg.timeout + cfg.retries * 1.0 + 2), f'{took:.1f} s'
+    assert took < slots * ((cfg.fetch.retries + 1) * cfg.fetch.timeout + cfg.fetch.retries * 1.0 + 2), f'{took:.1f} s'
     assert lines_per_index(out) == {i: 1 for i in range(len(urls))}, 'every row recorded exactly once'
     good = [i for i, u in enumerate(urls) if u and '/img/' in u]
     assert records.read_saved(out)['index'].tolist() == good, 'every good row saved'

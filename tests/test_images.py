@@ -292,7 +292,8 @@ def test_no_bomb_warning_from_a_tiff_load():
 def test_odd_images_through_the_demo_server(tmp_path):
     "Odd images served on 127.0.0.1 and run through the downloader's row function: saved right, or corrupt."
     from laion_nb import demo
-    from laion_nb.download import DownloadConfig, Downloader
+    from laion_nb.download import DownloadConfig
+    from laion_nb.pool import Downloader
     good = enc(photo(400, 300), quality=80)
     bodies = {'garbage': good + b'<html>' + b'x' * 5000, 'lie': lie(good, 9000, 9000), 'turned': oriented(),
               'png16': enc(Image.fromarray(np.full((100, 120), 127 * 257, np.uint16)), 'PNG')}
@@ -302,8 +303,8 @@ def test_odd_images_through_the_demo_server(tmp_path):
 
     with demo.ImageServer() as srv:
         srv._httpd.RequestHandlerClass = Odd
-        d = Downloader(DownloadConfig(output_dir=tmp_path, timeout=2, retries=0, allow_private_networks=True))
-        got = {name: d.one(i, srv.url(f'odd/{i}.jpg'), name) for i, name in enumerate(bodies)}
+        d = Downloader(DownloadConfig.build(output_dir=tmp_path, timeout=2, retries=0, allow_private_networks=True))
+        got = {name: d.download_row(i, srv.url(f'odd/{i}.jpg'), name) for i, name in enumerate(bodies)}
     assert (got['garbage'].bytes, got['garbage'].width) == (len(good), 400)
     assert (tmp_path/got['garbage'].path).read_bytes() == good
     assert got['lie'].error_type == 'corrupt'
@@ -455,7 +456,7 @@ def test_cli_resize_mode_through_the_demo_server(tmp_path):
     "`--resize 100 --resize-mode center_crop`: every saved file is 100x100 (or its own short side), and the record keeps the original size."
     import pandas as pd
     from laion_nb import demo, records
-    from laion_nb.download import main
+    from laion_nb.cli import main
     with demo.ImageServer() as srv:
         urls = [srv.url(f'img/{i}.{ext}') for i, ext in enumerate(['jpg', 'png', 'webp', 'gif', 'jpg', 'jpg'])]
         pd.DataFrame({'url': urls, 'caption': ['x'] * len(urls)}).to_parquet(tmp_path/'d.parquet')

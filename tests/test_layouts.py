@@ -104,7 +104,7 @@ def test_each_release_layout_opens_downloads_and_indexes(layout, server, tmp_pat
         assert rows == [(i, make_url(i)) for i in range(n)]  # global row order, shards in numeric order
 
     out = tmp_path/'out'
-    rep = download(DownloadConfig(metadata=dump_root, output_dir=out, timeout=2, retries=0, allow_private_networks=True), progress=None)
+    rep = download(DownloadConfig.build(metadata=dump_root, output_dir=out, timeout=2, retries=0, allow_private_networks=True), progress=None)
     assert (rep.saved, rep.failed) == (GOOD, BAD), rep
     assert sorted(int(p.stem) for p in (out/'images').glob('*.jpg')) == [i for i in range(n) if i % 4]
 

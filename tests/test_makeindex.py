@@ -505,7 +505,7 @@ def test_refused_urls_never_reach_training(tmp_path):
     root = tmp_path/'data'
     urls = [*REFUSED_BY_DOWNLOAD, *NEVER_TRIED]
     laion = write_dump(root/'laion-1m-vit-h-14', len(urls), shards=2, urls=dict(enumerate(urls)))
-    rep = download(DownloadConfig(metadata=laion, output_dir=laion, max_samples=len(REFUSED_BY_DOWNLOAD), timeout=1.0,
+    rep = download(DownloadConfig.build(metadata=laion, output_dir=laion, max_samples=len(REFUSED_BY_DOWNLOAD), timeout=1.0,
                                   retries=0, processes=1), progress=None)
     failed = read_failed(laion)
     assert dict(zip(failed['url'], failed['error_type'])) == REFUSED_BY_DOWNLOAD, 'the download refused them itself'
@@ -552,7 +552,7 @@ def test_permanent_failures_are_left_out_unless_keep_failed(tmp_path):
         routes = ['img/10.jpg', *PERMANENT, *TRANSIENT, 'img/11.jpg', 'status/404', 'img/12.jpg']  # the last 3: past max_samples
         urls = serve(server, routes)
         laion = write_dump(root/'laion-1m-vit-h-14', len(urls), shards=2, urls=dict(enumerate(urls)))
-        download(DownloadConfig(metadata=laion, output_dir=laion, max_samples=len(routes) - 3, timeout=1.0, retries=0,
+        download(DownloadConfig.build(metadata=laion, output_dir=laion, max_samples=len(routes) - 3, timeout=1.0, retries=0,
                                 processes=1, allow_private_networks=True), progress=None)
     failed = read_failed(laion)
     assert sorted(failed['index']) == list(range(1, len(routes) - 3))

@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_nb import demo, records
-from laion_nb.download import STOP_GRACE, DownloadConfig, OutputBusy, download, lock_output, unlock_output
+from laion_nb.download import DownloadConfig, download
+from laion_nb.pool import RowPool
+from laion_nb.run import OutputBusy, lock_output, unlock_output
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
 
@@ -101,12 +103,12 @@ def test_terminal_ctrl_c_with_long_urls_ends_in_the_grace_period(tmp_path):
             wait_records(tmp_path/'out', 300, p)
             t0 = time.monotonic()
             os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group, workers included
-            out, err = p.communicate(timeout=STOP_GRACE + 10)
+            out, err = p.communicate(timeout=RowPool.stop_grace + 10)
             took = time.monotonic() - t0
             left = gone(p.pid, 2)
     assert p.returncode == 130, err
     assert 'Traceback' not in err, err
-    assert took < STOP_GRACE + 5, took
+    assert took < RowPool.stop_grace + 5, took
     assert left == []
     m = re.search(r'([\d,]+) rows tried in [\d.]+ s \([\d.,]+/s\): ([\d,]+) saved, ([\d,]+) failed', out)
     tried, saved, failed = (int(g.replace(',', '')) for g in m.groups())
@@ -127,10 +129,10 @@ def test_a_second_run_on_the_same_dir_is_refused(tmp_path):
         last = second.stderr.strip().splitlines()[-1]
         assert str(out) in last and f'pid {p.pid}' in last and 'in use by another run' in last, last
         with pytest.raises(OutputBusy, match=f'pid {p.pid}'):  # the library refuses too
-            download(DownloadConfig(metadata=dump, output_dir=out, allow_private_networks=True), progress=None)
+            download(DownloadConfig.build(metadata=dump, output_dir=out, allow_private_networks=True), progress=None)
         os.killpg(p.pid, signal.SIGKILL); p.wait()
         assert (out/'.laion_nb.lock').exists(), 'a stale lock file is left'
-        rep = download(DownloadConfig(metadata=dump, output_dir=out, allow_private_networks=True, max_samples=20, threads=8,
+        rep = download(DownloadConfig.build(metadata=dump, output_dir=out, allow_private_networks=True, max_samples=20, threads=8,
                                       timeout=2), progress=None)
     assert rep.attempted + rep.skipped == 20, 'the stale lock is taken over'
 
@@ -138,7 +140,7 @@ def test_a_second_run_on_the_same_dir_is_refused(tmp_path):
 def test_the_lock_is_released_at_the_end_and_after_an_error(tmp_path):
     with demo.ImageServer() as server:
         dump = demo.make_demo_dump(tmp_path/'dump', server, n=10, fail_share=0.0)
-        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=2, processes=1)
+        cfg = DownloadConfig.build(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=2, processes=1)
         download(cfg, progress=None)
         took = []
         t = threading.Thread(target=lambda: (lock_output(tmp_path/'out'), took.append(1), unlock_output(tmp_path/'out')))
@@ -149,8 +151,8 @@ def test_the_lock_is_released_at_the_end_and_after_an_error(tmp_path):
             def start(self, total): raise RuntimeError('a broken progress')
             def update(self, rec): pass
             def close(self): pass
-        with pytest.raises(RuntimeError): download(DownloadConfig(**{**vars(cfg), 'output_dir': tmp_path/'out2'}), progress=Broken())
-        assert download(DownloadConfig(**{**vars(cfg), 'output_dir': tmp_path/'out2'}), progress=None).rows == 10, \
+        with pytest.raises(RuntimeError): download(DownloadConfig.build(**{**vars(cfg), 'output_dir': tmp_path/'out2'}), progress=Broken())
+        assert download(DownloadConfig.build(**{**vars(cfg), 'output_dir': tmp_path/'out2'}), progress=None).rows == 10, \
             'a lock left by an error of this thread is taken over'
 
 
@@ -169,7 +171,7 @@ def test_waiting_shows_the_slow_tail_with_worker_processes(tmp_path):
         t = pq.read_table(dump/'metadate'/'metadata_000.parquet')
         urls = t['url'].to_pylist(); urls[-1] = server.url('stall/59')  # the last row holds the tail until its timeout
         pq.write_table(t.set_column(t.schema.get_field_index('url'), 'url', pa.array(urls)), dump/'metadate'/'metadata_000.parquet')
-        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=1.5, retries=0, processes=2)
+        cfg = DownloadConfig.build(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=1.5, retries=0, processes=2)
         prog = Waiting()
         rep = download(cfg, progress=prog)
     assert (rep.attempted, prog.n) == (60, 60)
@@ -187,6 +189,6 @@ def test_a_progress_without_waiting_works_with_processes(tmp_path):
     with demo.ImageServer() as server:
         dump = demo.make_demo_dump(tmp_path/'dump', server, n=40, fail_share=0.1)
         prog = Plain()
-        rep = download(DownloadConfig(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=2,
+        rep = download(DownloadConfig.build(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=2,
                                       processes=2), progress=prog)
     assert rep.attempted == prog.n == 40

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from laion_nb import download, makeindex
+from laion_nb import cli, makeindex
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT/'README.zh-CN.md').read_text(encoding='utf-8')
-PARSERS = {'download_laion_images': download._parser, 'download_laion_images.py': download._parser,
+PARSERS = {'download_laion_images': cli._parser, 'download_laion_images.py': cli._parser,
            'makeindex': makeindex._parser, 'makeindex.py': makeindex._parser}
 
 
@@ -34,7 +34,7 @@ def test_every_command_parses(tool, args):
 
 
 def test_every_flag_named_exists():
-    known = {o for make in {download._parser, makeindex._parser} for a in make()._actions for o in a.option_strings}
+    known = {o for make in {cli._parser, makeindex._parser} for a in make()._actions for o in a.option_strings}
     named = set(re.findall(r'`(--[a-z0-9-]+)', TEXT)) | {w for _, args in commands() for w in args if w.startswith('--')}
     assert named, 'no flag found: the pattern no longer matches the README'
     assert not named - known, f'README.zh-CN.md names flags no command has: {sorted(named - known)}'

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from laion_nb import demo, records
-from laion_nb.download import DownloadConfig, OutputBusy, download, lock_output, unlock_output
+from laion_nb.download import DownloadConfig, download
+from laion_nb.run import OutputBusy, lock_output, unlock_output
 from laion_nb.scale import Shard, download_on_dask, plan_shards
 
 try: import dask.distributed as distributed  # the [dask] extra; .ci installs it with [dev]
@@ -50,7 +51,7 @@ def test_dask_run_matches_a_single_machine_run(cluster, tmp_path):
     _, client = cluster
     with demo.ImageServer() as server:
         dump = demo.make_demo_dump(tmp_path/'dump', server, n=500, fail_share=0.15, seed=2, shard_rows=170)
-        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'local', timeout=2, retries=1, allow_private_networks=True,
+        cfg = DownloadConfig.build(metadata=dump, output_dir=tmp_path/'local', timeout=2, retries=1, allow_private_networks=True,
                              threads=8, processes=1)
         local = download(cfg, progress=None)
         rep = download_on_dask(replace(cfg, output_dir=tmp_path/'dask'), client, shard_size=60, progress=None)
@@ -66,7 +67,7 @@ def test_max_samples_and_rerun_on_dask(cluster, tmp_path):
     _, client = cluster
     with demo.ImageServer() as server:
         dump = demo.make_demo_dump(tmp_path/'dump', server, n=120, fail_share=0.0)
-        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, threads=8)
+        cfg = DownloadConfig.build(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, threads=8)
         first = download_on_dask(replace(cfg, max_samples=50), client, shard_size=20, progress=None)
         hits = sum(server.hits.values())
         again = download_on_dask(replace(cfg, max_samples=50), client, shard_size=20, progress=None)
@@ -85,7 +86,7 @@ def test_a_worker_killed_mid_shard_gives_the_same_result(cluster, tmp_path):
         # a third of the rows fail, half of those transiently: the rescheduled shard fetches those again
         dump = demo.make_demo_dump(tmp_path/'dump', server, n=800, fail_share=0.3, seed=4,
                                    failures=['reset/{i}', 'status/404', 'status/500', 'html/{i}'])
-        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'dask', timeout=2, retries=0, allow_private_networks=True,
+        cfg = DownloadConfig.build(metadata=dump, output_dir=tmp_path/'dask', timeout=2, retries=0, allow_private_networks=True,
                              threads=4, processes=1)
         result = {}
         run = threading.Thread(target=lambda: result.setdefault('rep', download_on_dask(cfg, client, shard_size=400, progress=None)))
@@ -134,7 +135,7 @@ def test_a_dask_run_holds_the_output_dir_lock(cluster, tmp_path):
     _, client = cluster
     with demo.ImageServer() as server:
         dump = demo.make_demo_dump(tmp_path/'dump', server, n=30, fail_share=0.0)
-        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=2)
+        cfg = DownloadConfig.build(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=2)
         (tmp_path/'out').mkdir()
         held, release = threading.Event(), threading.Event()
         def other_run(): lock_output(tmp_path/'out'); held.set(); release.wait(30); unlock_output(tmp_path/'out')
@@ -161,7 +162,7 @@ def test_without_dask_the_message_says_how_to_install_it(no_dask, tmp_path):
     code = textwrap.dedent(f"""
         from laion_nb.scale import download_on_dask
         from laion_nb.download import DownloadConfig
-        try: download_on_dask(DownloadConfig(metadata={str(tmp_path)!r}, output_dir={str(tmp_path/'out')!r}))
+        try: download_on_dask(DownloadConfig.build(metadata={str(tmp_path)!r}, output_dir={str(tmp_path/'out')!r}))
         except ImportError as e: print(e)""")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, env=no_dask)
     assert r.returncode == 0 and "the Dask executor needs: pip install 'laion_nb[dask]'" in r.stdout, r.stdout + r.stderr
@@ -196,7 +197,7 @@ def test_the_slow_tail_keeps_moving_on_dask(cluster, tmp_path):
     _, client = cluster
     with demo.ImageServer() as server:
         dump = demo.make_demo_dump(tmp_path/'dump', server, n=40, fail_share=0.1, failures=['stall/{i}'])
-        cfg = DownloadConfig(metadata=dump, output_dir=tmp_path/'out', timeout=1.5, retries=0, allow_private_networks=True, threads=4)
+        cfg = DownloadConfig.build(metadata=dump, output_dir=tmp_path/'out', timeout=1.5, retries=0, allow_private_networks=True, threads=4)
         p = Recorder()
         rep = download_on_dask(cfg, client, shard_size=20, progress=p)
     assert p.closed and len(p.records) == rep.attempted == 40
