@@ -173,6 +173,7 @@ def _find_local_images(download_dir:str|Path|Store,  # the download's output: a 
                       ) -> _LocalImages:
     "The images `image_paths.jsonl` lists, each checked to be there: one listing per folder; a WebDataset sample's shard committed."
     store = open_store(download_dir)
+    if saved is None and not store.local: return _download_records(store, skip_bad_lines)[0]  # read from its finalized records
     if saved is None: saved = _quietly(read_saved, store.root, skip_bad_lines=skip_bad_lines)
     paths, present, listings, shards = [], np.zeros(len(saved), bool), {}, None
     for k, rel in enumerate(saved['path'].tolist()):

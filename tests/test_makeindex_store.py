@@ -3,12 +3,14 @@
 Each output is built by hand with the store API, the way a run writes it: images put, records as parts, `finalize`;
 WebDataset shards with `TarShardWriter`. The endpoint and credentials come from the environment, as a user sets them.
 """
-import io, json, logging, os, subprocess, tarfile, uuid
+import json, logging, os, subprocess, tarfile, uuid
+from pathlib import Path
 
 import fsspec
 import pytest
 
 from laion_nb.makeindex import IndexConfig, LaionIndex, MakeIndexError, makeindex
+from laion_nb.makeindex import _find_local_images as find_local_images
 from laion_nb.records import FAILED_LOG, SAVED_FILE, BadRecordError, Failed, RecordLog, Saved
 from laion_nb.store import TARS_DIR, PartWriter, TarShardWriter, finalize, list_shards, open_store
 
@@ -100,6 +102,8 @@ def test_images_in_s3_index_like_the_local_download(dump, run_url):
         if 'image' in o:
             with fsspec.open(o['image']) as f: assert f.read() == (out/'images'/f'{o["index"]}.jpg').read_bytes()
     assert rep.shards is None and not (root/'laion_train_shards.json').exists()
+    found = find_local_images(open_store(run_url))  # a store's records are its finalized files
+    assert found.index.tolist() == SAVED and found.present.tolist() == [i != 4 for i in SAVED]
     before = (root/'laion_train.jsonl').read_bytes()
     done = cli('--laion', '--data-root', root, '--download-dir', run_url, '--with-index')
     assert done.returncode == 0, done.stderr
@@ -203,6 +207,9 @@ def test_storage_options_flag_says_where_s3_is(dump, s3, run_url):
         assert done.returncode == 2 and says in done.stderr
     done = cli('--laion', '--data-root', root, '--download-dir', out, '--storage-options', '{"anon": true}', env=env)
     assert done.returncode == 2 and 'are for a download_dir URL' in done.stderr and done.stderr.count('\n') == 1
+    done = cli('--laion', '--data-root', root, '--download-dir', f's3:/{run_url[5:]}', env=env)  # a slash missing: never a local folder
+    assert done.returncode == 2 and f'did you mean {run_url}?' in done.stderr and done.stderr.count('\n') == 1
+    assert not (Path.cwd()/'s3:').exists()
 
 
 def test_local_webdataset_download(dump, tmp_path):
