@@ -637,7 +637,7 @@ def _field_docs(cls) -> dict[str, str]:
         docs[st.target.id] = next((t.string.lstrip('#').strip() for t in tokens if t.type == tokenize.COMMENT), '')
     return docs
 
-# %% ../nbs/04_makeindex.ipynb #87d7cad4
+# %% ../nbs/04_makeindex.ipynb #e463830b
 def _json_object(text:str) -> dict:
     "A JSON object given on the command line (`--storage-options '{\"endpoint_url\": ...}'`)."
     try: value = json.loads(text)
@@ -645,6 +645,7 @@ def _json_object(text:str) -> dict:
     if not isinstance(value, dict): raise argparse.ArgumentTypeError(f'not a JSON object: {text!r}')
     return value
 
+# %% ../nbs/04_makeindex.ipynb #87d7cad4
 def _add_fields(group, cls, skip=()):
     "A flag in argparse `group` for each field of config class `cls`: type, default and help from the field."
     docs, hints = _field_docs(cls), typing.get_type_hints(cls)
