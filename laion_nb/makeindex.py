@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_makeindex.ipynb #e8ce8ae9
 from __future__ import annotations
-import argparse, ast, csv, ipaddress, json, linecache, os, re, socket, sys, tokenize, typing, warnings, wave
+import argparse, ast, csv, ipaddress, json, linecache, os, re, shutil, socket, sys, tempfile, tokenize, typing, warnings, wave
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
@@ -17,6 +17,7 @@ from .io import atomic_open, host, jsonl_line, write_jsonl
 from .metadata import Dump, DumpError
 from .fetch import public_address, split_url
 from .records import BadRecordError, FAILED_LOG, SAVED_FILE, read_failed, read_saved
+from .store import PARTS_DIR, TARS_DIR, Store, committed_shards, list_shards, open_store
 
 # %% auto #0
 __all__ = ['MakeIndexError', 'LaionIndex', 'Esc50Index', 'IndexConfig', 'LaionReport', 'load_index', 'Esc50Report',
@@ -32,6 +33,10 @@ def _flag(cls, name:str) -> str:
     "The command-line flag of field `name` of config class `cls`: the name with dashes, unless `_FLAGS` says otherwise."
     return _FLAGS.get(f'{cls.__name__}.{name}', '--' + name.replace('_', '-'))
 
+def _is_url(location) -> bool:
+    "Whether `location` is a URL (`s3://bucket/run`), which stays a string, not a local path."
+    return isinstance(location, str) and re.match(r'[A-Za-z][A-Za-z0-9+.-]+://', location) is not None
+
 def _bad(cfg, name:str, why:str) -> MakeIndexError:
     "The error for field `name` of the config `cfg`: the field, its flag, what is wrong and the value given."
     return MakeIndexError(f'{type(cfg).__name__}.{name} ({_flag(type(cfg), name)}) {why}, got {getattr(cfg, name)!r}')
@@ -41,7 +46,8 @@ def _bad(cfg, name:str, why:str) -> MakeIndexError:
 class LaionIndex:
     "LAION's part of `IndexConfig`: which dump rows go to laion_train.jsonl (image-text pairs), and how."
     dir: str|Path|None = None            # the LAION dump: its root, its metadate/ folder or one parquet file (default: <data-root>/laion-1m-vit-h-14)
-    download_dir: str|Path|None = None   # download_laion_images' --output-dir, with image_paths.jsonl and images/ (default: the dump's root, where the guide downloads)
+    download_dir: str|Path|None = None   # download_laion_images' --output-dir, with image_paths.jsonl and images/ or webdataset/: a folder or a URL such as s3://bucket/run (default: the dump's root, where the guide downloads)
+    storage_options: dict|None = None    # for a --download-dir URL: what its fsspec filesystem takes (endpoint_url, key, secret...), JSON on the command line (default: the AWS_* variables, as boto3 reads them)
     only_local: bool = False             # keep only rows whose image was downloaded
     with_index: bool = False             # add "index", the row in the dump and in img_emb/text_emb
     val_ratio: float = 0.0               # put this share of rows in laion_val.jsonl, chosen by a hash of the row index so a row stays on its side as the dump grows (0: no validation file)
@@ -52,7 +58,9 @@ class LaionIndex:
     def __post_init__(self):
         if not 0 <= self.val_ratio < 1: raise _bad(self, 'val_ratio', 'must be in [0, 1)')
         if self.dir is not None: self.dir = Path(self.dir)
-        if self.download_dir is not None: self.download_dir = Path(self.download_dir)
+        if self.download_dir is not None and not _is_url(self.download_dir): self.download_dir = Path(self.download_dir)
+        if self.storage_options is not None and not isinstance(self.storage_options, dict): raise _bad(self, 'storage_options', 'must be a dict')
+        if self.storage_options and not _is_url(self.download_dir): raise _bad(self, 'storage_options', 'are for a download_dir URL (s3://...)')
 
 # %% ../nbs/04_makeindex.ipynb #b878ac71
 @dataclass(kw_only=True)
@@ -111,7 +119,7 @@ def _val_mask(indices, # row indices
 class _LocalImages:
     "The images a download lists, with their absolute paths and whether each file is there."
     index: np.ndarray   # sorted row indices listed in image_paths.jsonl
-    path: list[str]     # absolute path of each image
+    path: list[str]     # where each image is: its absolute path, its object URL, or the tar:// URL of its WebDataset sample
     present: np.ndarray # True where the file exists
     bad_lines: list = field(default_factory=list)  # lines of image_paths.jsonl skipped as corrupt
 
@@ -137,19 +145,46 @@ def _quietly(read, *args, **kw):
         return read(*args, **kw)
 
 # %% ../nbs/04_makeindex.ipynb #b530d772
-def _find_local_images(download_dir:str|Path,       # the download's output dir
-                       skip_bad_lines:bool=False,   # skip corrupt lines of image_paths.jsonl instead of raising
-                       saved=None,                  # `records.read_saved(download_dir)`, if already read
+def _tar_member(rel:str) -> tuple[str, str]|None:
+    "The shard (`webdataset/00003.tar`) and the member (`12.jpg`) of a record path inside a WebDataset shard; None for a file."
+    tar, sep, member = rel.rpartition('.tar/')
+    return (tar + '.tar', member) if sep and tar.startswith(TARS_DIR + '/') and '/' not in member else None
+
+def _locate(store:Store, rel:str) -> tuple[str, str, str]:
+    "Where the file `rel` of a record is: the folder to list, its name there, and its address ('' when `rel` names no file)."
+    if store.local:
+        full = os.path.join(store.root, rel) if rel else ''
+        return *os.path.split(full), full
+    key = rel.replace(os.sep, '/').strip('/')
+    try: url = store.url_of(key) if key else ''
+    except ValueError: url = ''  # a key with '..' in it: no object
+    folder, _, name = key.rpartition('/')
+    return folder, name, url
+
+def _folder_names(store:Store, folder:str) -> set[str]:
+    "The names of the files right in `folder` (from `_locate`), in one listing; none when it is not there."
+    if store.local: return _file_names(folder)
+    return {k.rpartition('/')[2] for k in store.list(folder) if k.rpartition('/')[0] == folder}
+
+# %% ../nbs/04_makeindex.ipynb #2aa22856
+def _find_local_images(download_dir:str|Path|Store,  # the download's output: a folder, or the `store.Store` of a URL
+                       skip_bad_lines:bool=False,    # skip corrupt lines of image_paths.jsonl instead of raising
+                       saved=None,                   # `records.read_saved(download_dir)`, if already read
                       ) -> _LocalImages:
-    "The images `download_dir/image_paths.jsonl` lists, each checked to be on disk by one listing per folder."
-    root = os.path.abspath(download_dir)
-    if saved is None: saved = _quietly(read_saved, root, skip_bad_lines=skip_bad_lines)
-    paths, present, listings = [], np.zeros(len(saved), bool), {}
+    "The images `image_paths.jsonl` lists, each checked to be there: one listing per folder; a WebDataset sample's shard committed."
+    store = open_store(download_dir)
+    if saved is None and not store.local: return _download_records(store, skip_bad_lines)[0]  # read from its finalized records
+    if saved is None: saved = _quietly(read_saved, store.root, skip_bad_lines=skip_bad_lines)
+    paths, present, listings, shards = [], np.zeros(len(saved), bool), {}, None
     for k, rel in enumerate(saved['path'].tolist()):
-        full = os.path.join(root, rel) if isinstance(rel, str) and rel else ''
-        folder, name = os.path.split(full)
+        rel = rel if isinstance(rel, str) else ''
+        if tm := _tar_member(rel):
+            if shards is None: shards = {f'{TARS_DIR}/{n}.tar' for n in committed_shards(store)}
+            present[k] = tm[0] in shards
+            paths.append(f'tar://{tm[1]}::{store.url_of(tm[0])}'); continue
+        folder, name, full = _locate(store, rel)
         names = listings.get(folder)
-        if names is None: names = listings[folder] = _file_names(folder) if full else set()
+        if names is None: names = listings[folder] = _folder_names(store, folder) if full else set()
         present[k] = name in names
         paths.append(full)
     return _LocalImages(saved['index'].to_numpy(np.int64), paths, present, list(saved.attrs.get('bad_lines', [])))
@@ -231,6 +266,42 @@ def _find_failures(download_dir:str|Path,      # the download's output dir
     return _Failures(failed['index'].to_numpy(np.int64), [_failure_reason(t, s) for t, s in zip(types, statuses)],
                      np.array([is_transient(t, s) for t, s in zip(types, statuses)], bool), list(failed.attrs.get('bad_lines', [])))
 
+# %% ../nbs/04_makeindex.ipynb #c9cef8e3
+def _check_records(store:Store):
+    "`MakeIndexError` when the run at `store` is not finalized, or, for a URL, when there is no download there at all."
+    if store.exists(SAVED_FILE) or store.exists(FAILED_LOG): return
+    url = store.url_of('')
+    if store.list(PARTS_DIR) or committed_shards(store):
+        raise MakeIndexError(f'{url}: the download there is not finalized: its records are still parts ({PARTS_DIR}/, {TARS_DIR}/) '
+                             f'and it wrote no {SAVED_FILE}. Let it finish, resume it (download_laion_images --output-dir {url} ...), '
+                             f'or finalize what it wrote: python -c "from laion_nb.store import finalize; finalize({url!r})"')
+    if not store.local:
+        raise MakeIndexError(f'{url}: no download there (no {SAVED_FILE}, no {FAILED_LOG}, no records in {PARTS_DIR}/); '
+                             f'check --download-dir, and the endpoint and credentials (AWS_ENDPOINT_URL, --storage-options)')
+
+# %% ../nbs/04_makeindex.ipynb #428a7d88
+def _copy_records(store:Store, folder:str) -> list[str]:
+    "Copy the finalized record files of the run at `store` into the local `folder`, streamed; the names copied."
+    got = []
+    for name in (SAVED_FILE, FAILED_LOG):
+        if not store.exists(name): continue
+        with store.open(name) as src, open(os.path.join(folder, name), 'wb') as dst: shutil.copyfileobj(src, dst, 1 << 22)
+        got.append(name)
+    return got
+
+def _download_records(store:Store, skip_bad_lines:bool=False) -> tuple[_LocalImages, _Failures]:
+    "The images and the failures the download at `store` recorded, from its finalized record files."
+    _check_records(store)
+    if store.local:
+        saved = _quietly(read_saved, store.location, skip_bad_lines=skip_bad_lines)
+        return _find_local_images(store, skip_bad_lines, saved), _find_failures(store.location, skip_bad_lines, saved)
+    with tempfile.TemporaryDirectory() as tmp:
+        _copy_records(store, tmp)
+        try:
+            saved = _quietly(read_saved, tmp, skip_bad_lines=skip_bad_lines)
+            return _find_local_images(store, skip_bad_lines, saved), _find_failures(tmp, skip_bad_lines, saved)
+        except BadRecordError as e: raise BadRecordError(str(e).replace(os.path.join(tmp, ''), store.url_of('') + '/')) from None
+
 # %% ../nbs/04_makeindex.ipynb #f618bc02
 def _counts(c:dict) -> str: return ', '.join(f'{n:,} {k}' for k, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -251,6 +322,9 @@ class LaionReport:
     train_lines: int = 0
     val_lines: int = 0
     bad_lines: list = field(default_factory=list)  # corrupt lines of image_paths.jsonl skipped
+    shards: Path|None = None  # laion_train_shards.json, when the download wrote WebDataset shards
+    shard_list: list = field(default_factory=list)  # its shards, each {"url", "samples"}
+    shard_pattern: str|None = None  # one brace pattern naming them all, when their names allow it
     notes: list[str] = field(default_factory=list)
 
     def __repr__(self):
@@ -263,6 +337,8 @@ class LaionReport:
         out.append(f'  left out, download failed for good (--keep-failed keeps them): {sum(self.failed.values()):,}'
                    + (f' ({_counts(self.failed)})' if self.failed else ''))
         if self.gone: out.append(f'  {self.gone:,} listed in {SAVED_FILE} but the file is gone')
+        if self.shards: out.append(f'  WebDataset: {len(self.shard_list):,} shards, {sum(s["samples"] for s in self.shard_list):,} samples '
+                                   f'-> {self.shards}' + (f' ({self.shard_pattern})' if self.shard_pattern else ''))
         if self.bad_lines: out.append(f'  {len(self.bad_lines):,} corrupt line(s) of {SAVED_FILE} skipped: {self.bad_lines[:10]}')
         return '\n'.join(out + [f'  note: {n}' for n in self.notes])
 
@@ -292,6 +368,30 @@ def _laion_lines(batch, local:_LocalImages, fails:_Failures, guard:_UrlGuard, o:
     rep.train_lines += len(train); rep.val_lines += len(val)
     return train, val
 
+# %% ../nbs/04_makeindex.ipynb #1da88aeb
+_SHARDS_FILE = 'laion_train_shards.json'  # beside laion_train.jsonl, when the download wrote WebDataset shards
+
+def _shard_pattern(urls:list[str]) -> str|None:
+    "One brace pattern naming exactly `urls`, in order (`.../{00000..00041}.tar`), when their names are consecutive numbers; else None."
+    m = [re.fullmatch(r'([^{},]*/)(\d+)\.tar', u) for u in urls]
+    if not urls or not all(m) or len({x.group(1) for x in m}) > 1: return None
+    nums = [x.group(2) for x in m]
+    if len({len(n) for n in nums}) > 1 and any(n != str(int(n)) for n in nums): return None  # 08, 9, 10: no width braces can say
+    if [int(n) for n in nums] != list(range(int(nums[0]), int(nums[0]) + len(nums))): return None
+    return urls[0] if len(urls) == 1 else f'{m[0].group(1)}{{{nums[0]}..{nums[-1]}}}.tar'
+
+# %% ../nbs/04_makeindex.ipynb #52cc0d3b
+def _write_shards(store:Store, root:Path, o:LaionIndex, rep:LaionReport):
+    "Write laion_train_shards.json into `root` when the download at `store` has WebDataset shards; remove a stale one when not."
+    path, rep.shard_list = root/_SHARDS_FILE, list_shards(store)
+    if not rep.shard_list:
+        if path.exists(): path.unlink(); rep.notes.append(f'removed {path}: the download has no WebDataset shards')
+        return
+    rep.shards, rep.shard_pattern = path, _shard_pattern([s['url'] for s in rep.shard_list])
+    doc = {'pattern': rep.shard_pattern, 'samples': sum(s['samples'] for s in rep.shard_list), 'shards': rep.shard_list}
+    with atomic_open(path) as f: f.write(json.dumps(doc, ensure_ascii=False, indent=1) + '\n')
+    if o.val_ratio: rep.notes.append(f'{path.name} lists every downloaded sample: the rows of laion_val.jsonl are in the shards too')
+
 # %% ../nbs/04_makeindex.ipynb #4043ec0f
 _LAION_DIR = 'laion-1m-vit-h-14'  # the dump's folder under the data root
 
@@ -300,20 +400,25 @@ def _check_root(cfg:IndexConfig):
         raise MakeIndexError(f'{cfg.data_root}: data root does not exist (--data-root); it should hold '
                              f'{_LAION_DIR}/ and ESC-50/, and the index files are written there')
 
-def _index_laion(cfg:IndexConfig) -> LaionReport:
-    "Write laion_train.jsonl (and laion_val.jsonl) for the dump of `cfg.laion`, using downloaded images where there are any."
-    _check_root(cfg)
+def _laion_inputs(cfg:IndexConfig) -> tuple[Dump, Store, str|Path]:
+    "The dump of `cfg.laion`, the store its download wrote to, and that location as the config names it."
     o = cfg.laion
     dump_dir = o.dir if o.dir is not None else cfg.data_root/_LAION_DIR
     if not dump_dir.exists():
         raise MakeIndexError(f'{dump_dir}: no LAION dump here (--laion-dir); expected metadate/metadata_000.parquet in it')
     dump = Dump(dump_dir)
     download_dir = o.download_dir or dump.root or dump_dir  # the guide downloads into the dump's root
-    saved = _quietly(read_saved, download_dir, skip_bad_lines=o.skip_bad_lines)
-    local, fails = _find_local_images(download_dir, o.skip_bad_lines, saved), _find_failures(download_dir, o.skip_bad_lines, saved)
+    return dump, open_store(download_dir, o.storage_options), download_dir
+
+# %% ../nbs/04_makeindex.ipynb #65f30502
+def _index_laion(cfg:IndexConfig) -> LaionReport:
+    "Write laion_train.jsonl (and laion_val.jsonl) for the dump of `cfg.laion`, using downloaded images where there are any."
+    _check_root(cfg)
+    o, (dump, store, download_dir) = cfg.laion, _laion_inputs(cfg)
+    local, fails = _download_records(store, o.skip_bad_lines)
     root = Path(os.path.abspath(cfg.data_root))
     rep = LaionReport(root/'laion_train.jsonl', root/'laion_val.jsonl' if o.val_ratio else None, bad_lines=local.bad_lines)
-    if not (download_dir/SAVED_FILE).exists():
+    if not store.exists(SAVED_FILE):
         rep.notes.append(f'no {SAVED_FILE} in {download_dir}: no downloaded images, every row uses its URL')
     if fails.bad_lines: rep.notes.append(f'{len(fails.bad_lines):,} corrupt line(s) of {FAILED_LOG} skipped: {fails.bad_lines[:10]}')
     guard = _UrlGuard(o.allow_private_networks)
@@ -324,6 +429,7 @@ def _index_laion(cfg:IndexConfig) -> LaionReport:
             t, v = _laion_lines(batch, local, fails, guard, o, rep)
             train.writelines(t)
             if v: val.writelines(v)
+    _write_shards(store, root, o, rep)
     stale = root/'laion_val.jsonl'
     if rep.val is None and stale.exists():  # it would overlap the new train file
         stale.unlink(); rep.notes.append(f'removed {stale} from an earlier run with a validation split')
@@ -499,6 +605,7 @@ examples:
   makeindex --esc50 --laion             both (also what plain `makeindex` does)
   makeindex --laion --only-local --with-index --val-ratio 0.05
   makeindex --laion --no-esc50 --keep-failed
+  makeindex --laion --no-esc50 --download-dir s3://bucket/run    a download in object storage
 
 output, in the data root:
   laion_train.jsonl   {"text": caption, "image": "/abs/path/images/123.jpg"} when downloaded,
@@ -506,6 +613,13 @@ output, in the data root:
                       (blocked_address, invalid_url) and, unless --keep-failed, rows whose download
                       failed for good are left out and counted by reason. Load it with
                       laion_nb.makeindex.load_index (Hugging Face datasets, columns fixed).
+                      With --download-dir s3://bucket/run, "image" is the object's URL
+                      (s3://bucket/run/images/123.jpg); for a WebDataset download, the sample in
+                      its shard (tar://123.jpg::s3://bucket/run/webdataset/00000.tar): fsspec.open
+                      opens all three forms.
+  laion_train_shards.json  when the download wrote WebDataset shards: what a WebDataset loader
+                      takes, {"pattern": brace pattern or null, "samples": N,
+                      "shards": [{"url": ..., "samples": n}, ...]}
   laion_val.jsonl     with --val-ratio
   esc50_train.jsonl   {"text": "the sound of dog", "audio": "/abs/path/audio/1-100032-A-0.wav"}
   esc50_val.jsonl     the --esc50-val-fold fold
@@ -523,6 +637,14 @@ def _field_docs(cls) -> dict[str, str]:
         docs[st.target.id] = next((t.string.lstrip('#').strip() for t in tokens if t.type == tokenize.COMMENT), '')
     return docs
 
+# %% ../nbs/04_makeindex.ipynb #e463830b
+def _json_object(text:str) -> dict:
+    "A JSON object given on the command line (`--storage-options '{\"endpoint_url\": ...}'`)."
+    try: value = json.loads(text)
+    except ValueError as e: raise argparse.ArgumentTypeError(f'not JSON ({e}): {text!r}') from None
+    if not isinstance(value, dict): raise argparse.ArgumentTypeError(f'not a JSON object: {text!r}')
+    return value
+
 # %% ../nbs/04_makeindex.ipynb #87d7cad4
 def _add_fields(group, cls, skip=()):
     "A flag in argparse `group` for each field of config class `cls`: type, default and help from the field."
@@ -535,8 +657,8 @@ def _add_fields(group, cls, skip=()):
             continue
         kinds = [t for t in typing.get_args(hints[f.name]) or [hints[f.name]] if t is not type(None)]
         if f.default is not None: kw['help'] += ' (default: %(default)s)'
-        metavar = 'DIR' if Path in kinds else {int: 'N', float: 'R', str: 'T'}[kinds[0]]
-        group.add_argument(_flag(cls, f.name), type=kinds[0], metavar=metavar, **kw)
+        metavar = 'DIR' if Path in kinds else {int: 'N', float: 'R', str: 'T', dict: 'JSON'}[kinds[0]]
+        group.add_argument(_flag(cls, f.name), type=_json_object if kinds[0] is dict else kinds[0], metavar=metavar, **kw)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='makeindex', epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -385,6 +385,7 @@ def test_cli_help_explains_every_flag():
 FLAGS = {  # each config field: the flag the guide and the README name it by
     ('IndexConfig', 'data_root'): '--data-root', ('IndexConfig', 'max_samples'): '--max-samples',
     ('LaionIndex', 'dir'): '--laion-dir', ('LaionIndex', 'download_dir'): '--download-dir', ('LaionIndex', 'only_local'): '--only-local',
+    ('LaionIndex', 'storage_options'): '--storage-options',
     ('LaionIndex', 'with_index'): '--with-index', ('LaionIndex', 'val_ratio'): '--val-ratio', ('LaionIndex', 'keep_failed'): '--keep-failed',
     ('LaionIndex', 'allow_private_networks'): '--allow-private-networks', ('LaionIndex', 'skip_bad_lines'): '--skip-bad-lines',
     ('Esc50Index', 'dir'): '--esc50-dir', ('Esc50Index', 'val_fold'): '--esc50-val-fold', ('Esc50Index', 'esc10'): '--esc10',
