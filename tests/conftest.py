@@ -9,7 +9,7 @@ The suite runs in parallel (pytest-xdist, `-n 2`, `--dist loadgroup` from pyproj
 session fixture is one per worker, servers take a free port, files go under `tmp_path`. Slow tests
 are handed out first so that the workers end together; the tests that load the machine hardest (a
 pool of worker processes killed or timed against a deadline) share one xdist group, so no two of
-them run at once.
+them run at once (`GROUPS` below). Run alone (`pytest` without `-n`), the order is the files' own.
 """
 import signal
 from pathlib import Path
@@ -29,18 +29,45 @@ def pytest_configure(config):
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN: signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# Tests that start many processes or threads and check a deadline or a kill: one worker runs them one after the other.
-# Named here, not marked in their files, so that one list says what must not run at the same time.
-HEAVY = ('test_download.py::test_kill_9_mid_run', 'test_download.py::test_interrupt_keeps_records',
-         'test_processes.py::', 'test_hostile_run.py::', 'test_scale.py::test_a_worker_killed',
-         'test_fetch.py::test_many_threads_of_hostile_urls', 'test_fetch.py::test_five_hundred_requests')
+# Which tests one worker runs one after the other, by node id, so that one list says what must not run at the same
+# time or must share a worker. (Not `xdist_group` marks: pytest-xdist 3.8 cannot read them under pytest 9.2,
+# pytest-xdist#1386; the scheduler below reads this table instead.)
+GROUPS = {
+    # many processes or threads, killed or checked against a deadline: never two of them at once
+    'heavy': ('tests/test_download.py::test_kill_9_mid_run', 'tests/test_download.py::test_interrupt_keeps_records',
+              'tests/test_processes.py::', 'tests/test_hostile_run.py::', 'tests/test_fetch.py::test_many_threads_of_hostile_urls',
+              'tests/test_fetch.py::test_five_hundred_requests'),
+    # one Dask cluster (the module's fixture, two worker processes) for all of them, not one per xdist worker;
+    # the test that kills a Dask worker runs alone there too
+    'dask': ('tests/test_scale.py::',),
+}
+RESIZE = 'tests/test_images.py::test_resize_gives_the_promised_size['  # its pictures are made once per format (lru_cache)
+
+
+def group_of(nodeid:str) -> str:
+    "The unit of work a test belongs to: its group, its format for the resize test, else the test itself."
+    for name, prefixes in GROUPS.items():
+        if nodeid.startswith(prefixes): return name
+    if nodeid.startswith(RESIZE): return 'resize-' + nodeid[len(RESIZE):].rsplit('-', 1)[0]  # [GIF-longest] -> resize-GIF
+    return nodeid
+
+
+try: import xdist.scheduler
+except ImportError: xdist = None
+
+if xdist is not None:
+    def pytest_xdist_make_scheduler(config, log):
+        "Under `--dist loadgroup` (pyproject.toml's addopts), units of work as `group_of` says; the biggest units first."
+        if config.getvalue('dist') != 'loadgroup': return None
+        class Grouped(xdist.scheduler.LoadScopeScheduling):
+            def _split_scope(self, nodeid): return group_of(nodeid)
+        return Grouped(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    "Slow tests first (the longest first is how two workers end together); the heavy ones in one xdist group."
-    for item in items:
-        if any(h in item.nodeid for h in HEAVY): item.add_marker(pytest.mark.xdist_group('heavy'))
-    items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # stable: the order within each kind is kept
+    "On an xdist worker, the slow tests first: the longest first is how two workers end together."
+    if hasattr(config, 'workerinput'):  # run alone, the files' own order
+        items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # stable: the order within each kind is kept
 
 
 @pytest.fixture(scope='session')
