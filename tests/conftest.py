@@ -67,7 +67,8 @@ if xdist is not None:
 def pytest_collection_modifyitems(config, items):
     "On an xdist worker, the slow tests first: the longest first is how two workers end together."
     if hasattr(config, 'workerinput'):  # run alone, the files' own order
-        items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # stable: the order within each kind is kept
+        # stable: the order within each kind is kept; the notebooks (nbdev_test, a kernel each) are the longest of all
+        items.sort(key=lambda item: (item.get_closest_marker('slow') is None, 'test_notebooks.py' not in item.nodeid))
 
 
 @pytest.fixture(scope='session')
