@@ -6,10 +6,11 @@ rows) and download them with short timeouts, so no test waits on a deadline it d
 demo command); `pytest -m "not slow"` leaves them out, the README's `pytest -n 2` runs them all.
 
 The suite runs in parallel (pytest-xdist, `-n 2`, `--dist loadgroup` from pyproject.toml): every
-session fixture is one per worker, servers take a free port, files go under `tmp_path`. Slow tests
-are handed out first so that the workers end together; the tests that load the machine hardest (a
-pool of worker processes killed or timed against a deadline) share one xdist group, so no two of
-them run at once (`GROUPS` below). Run alone (`pytest` without `-n`), the order is the files' own.
+session fixture is one per worker, servers take a free port, files go under `tmp_path`. The tests
+that load the machine hardest (a pool of worker processes killed or timed against a deadline) form
+one unit of work, so no two of them run at once, and so do a few others (`GROUPS` below); the
+units with most tests go first, then the slow tests, so that the two workers end together. Run
+alone (`pytest` without `-n`), the order is the files' own.
 """
 import signal
 from pathlib import Path
