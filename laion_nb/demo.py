@@ -505,7 +505,8 @@ def run_demo(data_root:str|Path|None=None, quiet:bool=False) -> dict:
         dump = make_demo_dump(data_root/'laion-1m-vit-h-14', server)
         make_demo_esc50(data_root/'ESC-50')
         say(f'demo data root: {data_root}\nimage server: {server.base}\n')
-        cfg = DownloadConfig.build(metadata=dump, output_dir=dump, timeout=2.0, retries=2, allow_private_networks=True)
+        # 1 s per attempt: a stalling row ends after 3 attempts and 2 backoffs, about 5 s, not 8; a slow good picture is retried
+        cfg = DownloadConfig.build(metadata=dump, output_dir=dump, timeout=1.0, retries=2, allow_private_networks=True)
         rep = download(cfg, progress='auto' if not quiet else None)
     say(rep)
     idx = makeindex(IndexConfig(data_root=data_root, laion=LaionIndex(allow_private_networks=True)))  # its URLs are on 127.0.0.1

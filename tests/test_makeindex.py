@@ -546,6 +546,7 @@ PERMANENT = {'status/404': 'http 404', 'status/410': 'http 410', 'html/1': 'not_
 TRANSIENT = ['status/500', 'status/503', 'stall/4']
 
 
+@pytest.mark.slow
 def test_permanent_failures_are_left_out_unless_keep_failed(tmp_path):
     "A real download from the demo server: saved rows as image, transient failures and untried rows as image_url, permanent ones out."
     root = tmp_path/'data'
@@ -630,6 +631,7 @@ def test_empty_or_headless_wav_says_what_is_wrong(esc):
 
 # ---------------------------------------------------------------- loading with Hugging Face datasets
 
+@pytest.mark.slow
 def test_load_index_when_the_first_block_is_all_local(tmp_path):
     "100,000 downloaded rows then rows with image_url: a plain load_dataset fails on the columns, load_index does not."
     datasets = pytest.importorskip('datasets')

@@ -2,9 +2,12 @@
 
 `nbdev_test` runs the notebooks in-process and skips `#| eval: false` cells; a user's kernel runs every
 cell, with `__name__ == '__main__'` and the kernel's own `sys.argv`. This runs them the user's way
-with nbclient and fails on any error output, naming the notebook and the cell.
+with nbclient and fails on any error output, naming the notebook and the cell. `nbdev_test` itself runs
+here too, as one test, so that under `pytest -n 2` its waits overlap the other tests' work.
 """
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -43,3 +46,12 @@ def test_run_all_in_a_kernel(name, tmp_path):
     client.execute()
     found = problems(nb)
     assert not found, f'{name} does not run clean in a kernel:\n' + '\n\n'.join(found)
+
+
+@pytest.mark.slow
+def test_nbdev_test_passes():
+    "`nbdev_test`, as nbdev runs the notebooks (in-process, its own workers): here so that it runs beside the other tests."
+    exe = Path(sys.executable).parent/'nbdev_test'
+    r = subprocess.run([str(exe if exe.exists() else 'nbdev_test'), '--do_print'], cwd=NBS.parent, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0 and 'Success.' in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
