@@ -144,6 +144,7 @@ class RowPool:
     stop_grace = 2.0   # seconds the rows in flight get to finish when a run is aborted
     tick = 0.25        # seconds between two looks of the feeding thread at the rows in flight
     check_threads = 2  # threads per process that check, encode and write images: the CPU part of a row
+    put_threads = 16   # more of them when images go to an object store: each waits on a PUT, not the CPU
 
     def __init__(self, cfg:DownloadConfig, emit:Callable, # called with each record, under a lock, from the pool's threads
                  tmp_dir:Path|None=None,      # where temp files go (default: `images/`)
@@ -155,6 +156,7 @@ class RowPool:
         self.running, self.hosts = {}, {}  # id -> _Flight; host -> [its semaphore, rows holding or awaiting it]
         self.count, self.closed, self.broken, self._ticked, self._ended = 0, False, None, 0.0, False
         _enough_files(2 * cfg.threads + 256)  # a connection each, the kept ones, the files written
+        if output is not None and not output.store.local and not output.webdataset: self.check_threads += self.put_threads
         self.checks = ThreadPoolExecutor(self.check_threads, thread_name_prefix='laion_nb-check')
         self.loop = asyncio.new_event_loop()
         self.loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix='laion_nb-lookup'))  # name lookups
