@@ -269,3 +269,45 @@ def test_a_dask_worker_killed_mid_shard_on_s3(s3, cluster, run_url, tmp_path):
     same_rows(store_rows(run_url), local_rows(tmp_path/'local'))
     assert (rep.attempted, rep.saved, rep.failed) == (local.attempted, local.saved, local.failed)
     client.wait_for_workers(2, timeout=60)
+
+
+def test_makeindex_on_a_webdataset_run_to_s3(s3, run_url, demo_dump):
+    "A WebDataset run to the bucket, then makeindex: each saved row points at its sample, the shard list counts every sample."
+    import fsspec
+    from laion_nb.makeindex import IndexConfig, LaionIndex, makeindex
+    dump = demo_dump(n=60, fail_share=0.2, seed=9)
+    rep = download(cfg_for(dump, run_url, output_format='webdataset'), progress=None)
+    ix = makeindex(IndexConfig(data_root=dump.parent, esc50=None, laion=LaionIndex(dir=dump, download_dir=run_url, with_index=True))).laion
+    got = [json.loads(l) for l in (dump.parent/'laion_train.jsonl').read_text(encoding='utf-8').splitlines()]
+    images = {o['index']: o['image'] for o in got if 'image' in o}
+    saved = store_rows(run_url)[0]
+    assert set(images) == set(saved) and ix.local == rep.saved == len(saved)
+    for i in list(images)[:5]:
+        with fsspec.open(images[i]) as f: assert hashlib.sha256(f.read()).hexdigest() == saved[i]['sha256']
+    shards = json.loads((dump.parent/'laion_train_shards.json').read_text(encoding='utf-8'))
+    assert shards['samples'] == rep.saved
+
+
+class Recorder:
+    "A progress object that keeps what the run told it."
+    def __init__(self): self.records, self.waits, self.closed = [], [], False
+    def start(self, total): self.total = total
+    def update(self, rec): self.records.append(rec)
+    def waiting(self, in_flight, longest): self.waits.append((len(self.records), in_flight, longest))
+    def close(self): self.closed = True
+
+
+@needs_dask
+@pytest.mark.slow
+def test_the_slow_tail_keeps_moving_on_dask_to_s3(s3, cluster, run_url, tmp_path):
+    "Shards on the bucket waiting on stalled rows: the driver, following parts, hears how many rows are out, and every row once."
+    from laion_nb.scale import DaskExecutor
+    _, client = cluster
+    with demo.ImageServer() as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=40, fail_share=0.1, failures=['stall/{i}'])
+        cfg = DownloadConfig.build(metadata=dump, output_dir=run_url, timeout=1.5, retries=0, allow_private_networks=True, threads=4)
+        p = Recorder()
+        rep = download(cfg, progress=p, executor=DaskExecutor(client, shard_size=20))
+    assert p.closed and len(p.records) == rep.attempted == 40 and len({r.index for r in p.records}) == 40
+    assert [w for w in p.waits if w[1] > 0], 'no waiting() call while rows were out'
+    assert all(done + out <= 40 for done, out, _ in p.waits)
