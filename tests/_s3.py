@@ -15,13 +15,15 @@ def moto_s3(*buckets):
                AWS_DEFAULT_REGION='us-east-1', AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     old = {k: os.environ.get(k) for k in [*env, 'AWS_ENDPOINT_URL_S3', 'AWS_PROFILE']}
     os.environ.update(env); os.environ.pop('AWS_ENDPOINT_URL_S3', None); os.environ.pop('AWS_PROFILE', None)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()  # a filesystem made with no options keeps the endpoint the environment had then
     try:
-        import s3fs
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         for b in buckets: fs.mkdir(b)
         yield env['AWS_ENDPOINT_URL']
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()  # nor may a later test reach this server through one
         for k, v in old.items():
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
