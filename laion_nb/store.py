@@ -152,6 +152,12 @@ def delete(self:Store, rel:str):
 
 Store.open = _open  # not @patch: a module-level `open` would hide the builtin
 
+def _forget_listings(fs, top:str):
+    "Drop the cached listings of `top`, its parents and every folder under it (fsspec's `invalidate_cache` keeps those under it)."
+    # a stale listing of a folder makes fsspec refuse a read of a key another process wrote there since: FileNotFoundError
+    fs.invalidate_cache(top)
+    for k in [k for k in list(fs.dircache) if k.startswith(top.rstrip('/') + '/')]: fs.dircache.pop(k, None)
+
 @patch
 def get_many(self:Store, rels:list) -> dict:
     "The contents of the keys `rels`, as {key: bytes}: fetched concurrently from an object store (fsspec's batched `cat`)."
@@ -162,12 +168,6 @@ def get_many(self:Store, rels:list) -> dict:
 
 # %% ../nbs/09_store.ipynb #94294ed1
 def _temporary(name:str) -> bool: return name.startswith('.') and name.endswith('.tmp')
-
-def _forget_listings(fs, top:str):
-    "Drop the cached listings of `top`, its parents and every folder under it (fsspec's `invalidate_cache` keeps those under it)."
-    # a stale listing of a folder makes fsspec refuse a read of a key another process wrote there since: FileNotFoundError
-    fs.invalidate_cache(top)
-    for k in [k for k in list(fs.dircache) if k.startswith(top.rstrip('/') + '/')]: fs.dircache.pop(k, None)
 
 def _list(self:Store, prefix:str='') -> list[str]:
     "The keys under the folder `prefix`, recursively, sorted; temporary files of a killed local writer (`.name...tmp`) left out."
