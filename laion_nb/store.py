@@ -152,6 +152,7 @@ def delete(self:Store, rel:str):
 
 Store.open = _open  # not @patch: a module-level `open` would hide the builtin
 
+# %% ../nbs/09_store.ipynb #15444a49
 def _forget_listings(fs, top:str):
     "Drop the cached listings of `top`, its parents and every folder under it (fsspec's `invalidate_cache` keeps those under it)."
     # a stale listing of a folder makes fsspec refuse a read of a key another process wrote there since: FileNotFoundError
