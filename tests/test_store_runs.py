@@ -311,3 +311,29 @@ def test_the_slow_tail_keeps_moving_on_dask_to_s3(s3, cluster, run_url, tmp_path
     assert p.closed and len(p.records) == rep.attempted == 40 and len({r.index for r in p.records}) == 40
     assert [w for w in p.waits if w[1] > 0], 'no waiting() call while rows were out'
     assert all(done + out <= 40 for done, out, _ in p.waits)
+
+
+@pytest.mark.slow
+def test_a_worker_process_killed_mid_run_to_s3(s3, run_url, tmp_path):
+    "One of two worker processes killed mid-run: the run ends, and the next one fetches only what has no record; the whole run's output."
+    import psutil
+    with demo.ImageServer(latency=0.05) as server:
+        dump = demo.make_demo_dump(tmp_path/'dump', server, n=1200, fail_share=0.1, seed=6)
+        download(cfg_for(dump, tmp_path/'whole', threads=64, processes=1), progress=None)
+        cfg = cfg_for(dump, run_url, threads=4, processes=2)
+        result = {}
+        run = threading.Thread(target=lambda: result.setdefault('rep', download(cfg, progress=None)))
+        run.start()
+        deadline, killed = time.monotonic() + 90, None
+        while time.monotonic() < deadline and killed is None and run.is_alive():  # its first parts are out: kill one worker
+            if len(recorded(run_url)[0]) >= 100:
+                killed = next(p for p in psutil.Process().children() if 'spawn_main' in ' '.join(p.cmdline()))
+                killed.kill()
+            time.sleep(0.1)
+        run.join(120)
+        assert killed and not run.is_alive()
+        before, hits = recorded(run_url), server.hits.copy()
+        assert result['rep'].attempted < 1200 or len(before[0]) + len(before[1]) < 1200, 'a worker died with rows in flight'
+        again = download(replace(cfg, processes=1), progress=None)
+        assert again.skipped >= len(before[0])
+        check_resumed(run_url, before, hits, server, local_rows(tmp_path/'whole'))
