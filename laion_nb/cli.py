@@ -4,7 +4,7 @@
 
 # %% ../nbs/03c_cli.ipynb #cc16e324
 from __future__ import annotations
-import argparse, math, numbers, re, sys, typing
+import argparse, json, math, numbers, re, sys, typing
 from dataclasses import fields
 
 from fastcore.docments import docments
@@ -14,13 +14,15 @@ from .download import DownloadConfig, download
 from .errors import LaionNbError
 from .fetch import MAX_TIMEOUT, FetchConfig
 from .images import ImageRules
+from .pool import LocalExecutor
 from .scale import SHARD_SIZE, DaskExecutor
 
 # %% auto #0
 __all__ = ['main']
 
 # %% ../nbs/03c_cli.ipynb #92b4acdd
-_OPTIONS = {None: ('metadata', 'output_dir', 'max_samples', 'threads', 'processes', 'per_host', 'retry_failed', 'url_col', 'caption_col'),
+_OPTIONS = {None: ('metadata', 'output_dir', 'storage_options', 'output_format', 'max_samples', 'threads', 'processes', 'per_host',
+                   'retry_failed', 'url_col', 'caption_col'),
             'fetch': ('timeout', 'retries', 'max_bytes', 'max_redirects', 'respect_opt_out', 'allow_private_networks', 'user_agent'),
             'images': ('min_size', 'max_size', 'resize', 'resize_mode')}
 _GUIDE = {'retries': '--retry', 'respect_opt_out': '--no-opt-out-check'}  # the guide's names, where they differ from the field's
@@ -31,6 +33,13 @@ def _flag(name:str) -> str:
     return _GUIDE.get(name, '--' + name.replace('_', '-'))
 
 # %% ../nbs/03c_cli.ipynb #7c4db37c
+def _json_object(s:str) -> dict:
+    "The `--storage-options` flag's type: a JSON object."
+    try: v = json.loads(s)
+    except ValueError as e: raise argparse.ArgumentTypeError(f'not JSON: {e}') from None
+    if not isinstance(v, dict): raise argparse.ArgumentTypeError(f'must be a JSON object ({{"key": value, ...}}), got {s!r}')
+    return v
+
 def _seconds(s:str) -> float:
     "The `--timeout` flag's type: a finite number of seconds, above 0 and at most `MAX_TIMEOUT`."
     try: v = float(s)
@@ -52,8 +61,9 @@ def _add_field(group, part:str|None, name:str):
         return group.add_argument(_flag(name), action='store_false' if f.default else 'store_true', **kw)
     kind = next(t for t in typing.get_args(hint) or [hint] if t is not type(None))
     if f.default is not None: kw['help'] += ' (default: %(default)s)'
-    group.add_argument(_flag(name), type=_seconds if name == 'timeout' else kind,
-                       metavar={int: 'N', float: 'SECONDS', str: 'PATH' if name in ('metadata', 'output_dir') else 'TEXT'}[kind], **kw)
+    if name == 'output_format': kw['choices'] = ('files', 'webdataset')
+    group.add_argument(_flag(name), type={'timeout': _seconds}.get(name, _json_object if kind is dict else kind),
+                       metavar={int: 'N', float: 'SECONDS', dict: 'JSON', str: 'PATH' if name in ('metadata', 'output_dir') else 'TEXT'}[kind], **kw)
 
 # %% ../nbs/03c_cli.ipynb #0e77520a
 _EPILOG = '''\
@@ -65,6 +75,9 @@ Examples:
 Output (in --output-dir): images/{index}.jpg, image_paths.jsonl (one line per saved image),
 download_errors.jsonl (append-only log of failures) and download_errors.json (summary and the
 latest failure of each row). A rerun skips what is done and retries transient failures.
+--output-dir may be a URL (s3://bucket/run, gs://...: pip install 'laion_nb[s3]' or '[gcs]'); credentials
+and endpoint come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage-options.
+--output-format webdataset writes tars of {index}.jpg/.txt/.json under webdataset/ instead of images/.
 '''
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument('--quiet', action='store_true', help='no progress bar')
     g.add_argument('--dask-scheduler', default=None, metavar='ADDRESS',
                    help='run shards on this Dask cluster (e.g. tcp://host:8786; needs laion_nb[dask] and an output dir the workers share)')
-    g.add_argument('--shard-size', type=int, default=SHARD_SIZE, metavar='N', help='with --dask-scheduler: rows per shard (default: %(default)s)')
+    g.add_argument('--shard-size', type=int, default=SHARD_SIZE, metavar='N',
+                   help='rows per shard with --dask-scheduler; samples per tar at most with --output-format webdataset (default: %(default)s)')
     return p
 
 # %% ../nbs/03c_cli.ipynb #7a08e99d
@@ -101,7 +115,7 @@ def main(argv:list[str]|None=None) -> int:
     try: cfg = _config(a)
     except (ValueError, TypeError) as e: p.error(_flag_error(str(e)))
     try:
-        executor = DaskExecutor(a.dask_scheduler, a.shard_size) if a.dask_scheduler else None
+        executor = DaskExecutor(a.dask_scheduler, a.shard_size) if a.dask_scheduler else LocalExecutor(a.shard_size)
         rep = download(cfg, progress=None if a.quiet else 'auto', executor=executor)
     except (LaionNbError, ValueError, records.BadRecordError) as e:  # DumpError is a ValueError; MissingExtra names the extra
         p.error(str(e))

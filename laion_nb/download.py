@@ -13,6 +13,7 @@ from fastcore.basics import patch
 from . import records
 from .fetch import FetchConfig
 from .images import ImageRules
+from .store import _protocol
 from .run import DownloadReport, Executor, Run
 from .pool import LocalExecutor
 
@@ -24,7 +25,7 @@ __all__ = ['DownloadConfig', 'download']
 class DownloadConfig:
     "One download run: the dump, the output dir, how many rows and how many at once; `fetch` and `images` say how a row is done."
     metadata:str|Path='data_formal_alin/laion-1m-vit-h-14/metadate/metadata_000.parquet' # a dump dir, a dir of parquet shards, or one parquet file
-    output_dir:str|Path='data_formal_alin/laion-1m-vit-h-14' # where images/, image_paths.jsonl and download_errors.json go
+    output_dir:str|Path='data_formal_alin/laion-1m-vit-h-14' # where images/, image_paths.jsonl and download_errors.json go: a folder, or a URL (s3://bucket/run)
     max_samples:int|None=None      # the first N rows of the dump (None: all)
     threads:int=512                # requests in flight per process (a second each on the web: see the pool)
     processes:int|None=None        # worker processes (None: one per core when there are 1,000+ rows to fetch)
@@ -32,6 +33,8 @@ class DownloadConfig:
     retry_failed:bool=False        # fetch again the rows that failed for a permanent reason (404, not an image, ...)
     url_col:str|None=None          # the URL column (None: found among url, URL, image_url, link)
     caption_col:str|None=None      # the caption column (None: found among caption, TEXT, text, title)
+    storage_options:dict|None=None # with a URL output dir: options of its fsspec filesystem (endpoint_url, profile, ...), beyond the standard environment
+    output_format:str='files'      # files (images/{index}.jpg) or webdataset (tars of {index}.jpg, .txt, .json under webdataset/)
     fetch:FetchConfig=field(default_factory=FetchConfig)  # how one URL is fetched: timeout, retries, byte cap, opt-out, ...
     images:ImageRules=field(default_factory=ImageRules)   # what image is kept and how it is saved: sizes, resize, ...
 
@@ -42,6 +45,10 @@ class DownloadConfig:
         for name, cls in (('fetch', FetchConfig), ('images', ImageRules)):
             if not isinstance(v := getattr(self, name), cls):
                 raise TypeError(f'{name} must be a {cls.__name__}, got {type(v).__name__} (flat keywords: DownloadConfig.build)')
+        if self.output_format not in ('files', 'webdataset'): raise ValueError(f"output_format must be 'files' or 'webdataset', got {self.output_format!r}")
+        url = _protocol(str(self.output_dir)) is not None  # BadLocation for s3:/b/run: a URL-shaped path never becomes a folder
+        if self.storage_options is not None and not (url and isinstance(self.storage_options, dict)):
+            raise ValueError(f'storage_options must be a dict of options for a URL output_dir, got {self.storage_options!r} for {self.output_dir}')
 
 # %% ../nbs/03_download.ipynb #3482ca65
 _PARTS = {'fetch': FetchConfig, 'images': ImageRules}  # the parts of a `DownloadConfig`, by field

@@ -17,7 +17,7 @@ from .errors import SampleError
 from .fetch import Fetched, Fetcher
 from .io import host as io_host
 from .images import check_image
-from .run import Executor, RecordSink, image_path, IMAGES_DIR
+from .run import TAR_SAMPLES, Executor, RecordSink, StoreOutput, image_path, IMAGES_DIR
 
 # %% auto #0
 __all__ = ['Downloader', 'RowPool', 'run_rows', 'LocalExecutor']
@@ -71,11 +71,12 @@ def _write_atomic(path:Path, data:bytes, tmp_dir:Path|None=None, abort:threading
 class Downloader:
     "Turns one row into a `records.Saved` or `records.Failed`, writing the image into `cfg.output_dir`; never raises for a row."
     def __init__(self, cfg:DownloadConfig,
-                 tmp_dir:Path|None=None):  # where temp files go (default: `images/`)
-        self.cfg, self.out_dir, self.tmp_dir = cfg, Path(cfg.output_dir), tmp_dir
+                 tmp_dir:Path|None=None,           # where temp files go (default: `images/`)
+                 output:StoreOutput|None=None):    # a run on a store: images go there (None: the output dir's `images/`)
+        self.cfg, self.out_dir, self.tmp_dir, self.output = cfg, Path(cfg.output_dir), tmp_dir, output
         self.fetcher, self.rules = Fetcher(cfg.fetch), cfg.images
         self.aborted = threading.Event()  # set when the run stops: no image is put in place after that
-        (self.out_dir/IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        if output is None: (self.out_dir/IMAGES_DIR).mkdir(parents=True, exist_ok=True)
 
 # %% ../nbs/03b_pool.ipynb #4e89fcbc
 @patch
@@ -83,9 +84,19 @@ def put_image(self:Downloader, index:int, data:bytes,
               abort=None, # set when the run gave up on this row (or stopped): the image is not put in place (`_Aborted`)
              ) -> str:
     "Put the image bytes `data` of row `index` in place; the path its record keeps."
+    stop = self.aborted if abort is None else _AnySet(self.aborted, abort)
+    if self.output is not None:  # an object (or a sample held for its tar): put whole, before its record
+        if stop.is_set(): raise _Aborted(index)
+        return self.output.put_image(index, data)
     rel = image_path(index)
-    _write_atomic(self.out_dir/rel, data, self.tmp_dir, self.aborted if abort is None else _AnySet(self.aborted, abort))
+    _write_atomic(self.out_dir/rel, data, self.tmp_dir, stop)
     return rel
+
+@patch
+def drop_image(self:Downloader, rec:records.Saved):
+    "Remove the image of `rec`, a row that ends without its record (given up on, or the run closed)."
+    if self.output is not None: self.output.drop_image(rec.index)
+    else: (self.out_dir/rec.path).unlink(missing_ok=True)
 
 # %% ../nbs/03b_pool.ipynb #d14afaf5
 @patch
@@ -133,16 +144,19 @@ class RowPool:
     stop_grace = 2.0   # seconds the rows in flight get to finish when a run is aborted
     tick = 0.25        # seconds between two looks of the feeding thread at the rows in flight
     check_threads = 2  # threads per process that check, encode and write images: the CPU part of a row
+    put_threads = 16   # more of them when images go to an object store: each waits on a PUT, not the CPU
 
     def __init__(self, cfg:DownloadConfig, emit:Callable, # called with each record, under a lock, from the pool's threads
                  tmp_dir:Path|None=None,      # where temp files go (default: `images/`)
-                 waiting:Callable|None=None): # called every `tick` with (rows in flight, seconds the oldest may still take)
+                 waiting:Callable|None=None,  # called every `tick` with (rows in flight, seconds the oldest may still take)
+                 output:StoreOutput|None=None): # a run on a store: where images go
         self.cfg, self.emit, self.waiting, self.deadline = cfg, emit, waiting, cfg.row_deadline
-        self.dl, self.lock, self.idle = Downloader(cfg, tmp_dir), threading.Lock(), threading.Event()
+        self.dl, self.lock, self.idle = Downloader(cfg, tmp_dir, output), threading.Lock(), threading.Event()
         self.slots = threading.Semaphore(cfg.threads)  # rows in flight: `submit` waits for one
         self.running, self.hosts = {}, {}  # id -> _Flight; host -> [its semaphore, rows holding or awaiting it]
         self.count, self.closed, self.broken, self._ticked, self._ended = 0, False, None, 0.0, False
         _enough_files(2 * cfg.threads + 256)  # a connection each, the kept ones, the files written
+        if output is not None and not output.store.local and not output.webdataset: self.check_threads += self.put_threads
         self.checks = ThreadPoolExecutor(self.check_threads, thread_name_prefix='laion_nb-check')
         self.loop = asyncio.new_event_loop()
         self.loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix='laion_nb-lookup'))  # name lookups
@@ -170,7 +184,7 @@ def _settle(self:RowPool, f:_Flight, rec):
     "Row `f` ended with `rec` (None: the run stopped): record it, unless the backstop took it first; free its slot."
     with self.lock:  # the record goes out before the row leaves `running`: `drain` returns only after the last record
         if id(f) not in self.running:  # the backstop recorded it (and freed its slot) already
-            if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)
+            if isinstance(rec, records.Saved): self.dl.drop_image(rec)
             return
         if rec is not None: self._record(rec)
         del self.running[id(f)]
@@ -186,7 +200,7 @@ def _finish(self:RowPool, rec):
 def _record(self:RowPool, rec):
     "Pass `rec` to `emit` (the caller holds the lock); a record `emit` fails on becomes an `internal` one."
     if self.closed:  # the run ended first: no image stays without its record
-        if isinstance(rec, records.Saved): (self.dl.out_dir/rec.path).unlink(missing_ok=True)
+        if isinstance(rec, records.Saved): self.dl.drop_image(rec)
         return
     self.count += 1
     try: return self.emit(rec)
@@ -295,9 +309,10 @@ def run_rows(cfg:DownloadConfig, rows:Iterable[tuple[int, str, str]],
              stop:threading.Event|None=None, # set it to stop taking new rows
              tmp_dir:Path|None=None,         # where temp files go (default: `images/`)
              waiting:Callable|None=None,     # called about 4 times a second with (rows in flight, seconds the oldest may take)
+             output:StoreOutput|None=None,   # a run on a store: where images go (`emit` writes the records there)
             ) -> int:
     "Download `rows` with up to `cfg.threads` in flight, each ending as one record passed to `emit`; returns how many."
-    pool, stop = RowPool(cfg, emit, tmp_dir, waiting), stop or threading.Event()
+    pool, stop = RowPool(cfg, emit, tmp_dir, waiting, output), stop or threading.Event()
     try:
         for row in rows:
             if not pool.submit(row, stop): break
@@ -351,7 +366,8 @@ def _worker_rows(todo, box:_Outbox, deadline:float, state:dict):
     state['feeding'] = False
 
 # %% ../nbs/03b_pool.ipynb #c570b54e
-def _worker(cfg:DownloadConfig, todo, results, stop, alive, parent:int):
+def _worker(cfg:DownloadConfig, todo, results, stop, alive, parent:int,
+            writer:dict|None=None): # a run on a store: this worker's `StoreOutput` keywords
     "A worker process: download the row batches from `todo`, write records, send them to `results`; stop when `stop.value` is set."
     _die_with_parent(parent, alive)
     box, stopping = _Outbox(results), threading.Event()
@@ -364,12 +380,14 @@ def _worker(cfg:DownloadConfig, todo, results, stop, alive, parent:int):
         stopping.set(); _thread.interrupt_main()
     def flusher():
         while not state['closed']: time.sleep(0.2); box.flush()
-    with RecordSink(cfg.output_dir) as sink:  # this worker writes its records; the parent counts them
+    output = StoreOutput(cfg, **writer) if writer else None
+    with RecordSink(cfg.output_dir, output=output) as sink:  # this worker writes its records; the parent counts them
         def emit(rec): sink(rec); box.add(rec)
         for f in (on_stop, flusher): threading.Thread(target=f, daemon=True).start()
-        try: run_rows(cfg, _worker_rows(todo, box, cfg.row_deadline, state), emit)
+        try: run_rows(cfg, _worker_rows(todo, box, cfg.row_deadline, state), emit, output=output)
         except KeyboardInterrupt:  # the parent stopped the run, and reports it
             for i in box.pending:  # a row that ended just as the run closed may have put its image in place without a record
+                if output is not None: output.drop_image(i); continue
                 try: os.unlink(Path(cfg.output_dir)/image_path(i))
                 except FileNotFoundError: pass
         finally:
@@ -468,14 +486,17 @@ def _end_workers(procs, drain:Callable, until:float):
 # %% ../nbs/03b_pool.ipynb #03d18e70
 class _Workers:
     "`n` worker processes for `rows` of `cfg`, and what they sent back: each record passed to `on_record`."
-    def __init__(self, cfg:DownloadConfig, n:int, on_record:Callable):
+    def __init__(self, cfg:DownloadConfig, n:int, on_record:Callable,
+                 writers:list|None=None): # a run on a store: each worker's `StoreOutput` keywords
         ctx = mp.get_context('spawn')
         self.cfg, self.n, self.on_record, self.count, self.finished = cfg, n, on_record, 0, 0
         self.todo, self.results, self.stop_all, self.ctrl_c = ctx.Queue(maxsize=n * 4), ctx.Queue(), ctx.RawValue('b', 0), threading.Event()
         self.alive_r, self.alive_w = ctx.Pipe(duplex=False)
-        self.procs = [ctx.Process(target=_worker, args=(cfg, self.todo, self.results, self.stop_all, self.alive_r, os.getpid()),
+        self.procs = [ctx.Process(target=_worker, args=(cfg, self.todo, self.results, self.stop_all, self.alive_r, os.getpid(),
+                                                         writers[k] if writers else None),
                                   daemon=True, name=f'laion_nb-worker-{k}') for k in range(n)]
-        self.ends, self.inflight, self.stop = _log_ends(cfg.output_dir), _InFlight(), threading.Event()
+        self.ends = None if writers else _log_ends(cfg.output_dir)  # a store's parts are merged by the next run instead
+        self.inflight, self.stop = _InFlight(), threading.Event()
 
     def take(self, timeout) -> bool:
         "Handle what one worker sent; True when nothing more will come."
@@ -510,7 +531,7 @@ def run(self:_Workers, rows, waiting:Callable|None=None):
 @patch
 def close(self:_Workers) -> int:
     "After `run`: the records of killed workers from the logs, the queues closed; how many records; `KeyboardInterrupt` if stopped."
-    if self.finished < self.n:  # a worker was killed or died: the rows it recorded and did not send are in the logs
+    if self.finished < self.n and self.ends is not None:  # a worker was killed or died: the rows it recorded and did not send are in the logs
         for rec in _recorded_since(self.cfg.output_dir, self.ends, set(self.inflight.rows)): self.count += 1; self.on_record(rec)
     self.todo.close(); self.results.close(); self.alive_w.close()
     lost = [p.name for p in self.procs if p.exitcode not in (0, None)]
@@ -522,20 +543,28 @@ def close(self:_Workers) -> int:
 # %% ../nbs/03b_pool.ipynb #7677f1fd
 def _run_processes(cfg:DownloadConfig, rows, on_record:Callable, n:int,
                    waiting:Callable|None=None, # called about 4 times a second with (rows in flight, seconds the oldest may still take)
+                   writers:list|None=None,     # a run on a store: each worker's `StoreOutput` keywords
                   ) -> int:
     "Download `rows` in `n` worker processes; `on_record` sees every record in this process."
-    w = _Workers(cfg, n, on_record)
+    w = _Workers(cfg, n, on_record, writers)
     w.run(rows, waiting)
     return w.close()
 
 # %% ../nbs/03b_pool.ipynb #baa5bdce
 class LocalExecutor(Executor):
     "This machine: a `RowPool` in this process, or one in each of `cfg.processes` worker processes (default: one per core for 1,000+ rows)."
+    def __init__(self, tar_samples:int=TAR_SAMPLES): # WebDataset output: samples per tar of each writer, at most
+        self.tar_samples = tar_samples
+
     def __call__(self, run):
         "Do the pending rows of `run` here."
         cfg, done = run.cfg, run.plan()
         rows = run.pending(done)
         n_proc = cfg.processes or ((os.cpu_count() or 1) if run.total >= 1000 else 1)
         if n_proc == 1 or run.total == 0:
-            with run.sink: run_rows(cfg, rows, run.sink, waiting=run.waiting)
-        else: _run_processes(cfg, rows, run.sink.count, n_proc, run.waiting)
+            w = run.writer(0, self.tar_samples)
+            run.sink.output = out = StoreOutput(cfg, **w) if w else None
+            with run.sink: run_rows(cfg, rows, run.sink, waiting=run.waiting, output=out)
+        else:
+            writers = [run.writer(k, self.tar_samples) for k in range(n_proc)] if run.store is not None else None
+            _run_processes(cfg, rows, run.sink.count, n_proc, run.waiting, writers)

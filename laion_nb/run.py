@@ -4,7 +4,7 @@
 
 # %% ../nbs/03a_run.ipynb #06f7bc0a
 from __future__ import annotations
-import math, os, sys, threading, time
+import json, math, os, socket, sys, threading, time, uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +14,12 @@ from fastcore.basics import patch
 
 from . import records
 from .errors import LaionNbError, is_transient
+from .store import TARS_DIR, PartWriter, Store, TarShardWriter, _protocol, finalize, open_store, resume
 
 # %% auto #0
-__all__ = ['IMAGES_DIR', 'image_path', 'OutputBusy', 'lock_output', 'unlock_output', 'done_indices', 'pending_rows',
-           'TextProgress', 'RecordSink', 'DownloadReport', 'Executor', 'Run']
+__all__ = ['IMAGES_DIR', 'TAR_SAMPLES', 'image_path', 'OutputBusy', 'lock_output', 'unlock_output', 'done_indices',
+           'pending_rows', 'TextProgress', 'RecordSink', 'on_store', 'StoreOutput', 'StoreLock', 'DownloadReport',
+           'Executor', 'Run']
 
 # %% ../nbs/03a_run.ipynb #3f7eac63
 try: import fcntl
@@ -209,10 +211,13 @@ def _as_progress(progress):
 class RecordSink:
     "Where a run's records go: written to the logs of `out_dir` while open, counted by outcome, shown on `progress`."
     def __init__(self, out_dir:str|Path, progress=None, # a progress object (`TextProgress`, `LiveProgress`), or None
-                 shard:str|None=None):                 # write to the logs of this shard (`scale`) instead of the main ones
-        self.out_dir, self.progress, self.shard, self.counts, self.log = Path(out_dir), progress, shard, Counter(), None
+                 shard:str|None=None,                  # write to the logs of this shard (`scale`) instead of the main ones
+                 output:StoreOutput|None=None):         # write to this store writer instead of the logs (a run on a `Store`)
+        self.out_dir = out_dir if output is not None else Path(out_dir)
+        self.progress, self.shard, self.output, self.counts, self.log = progress, shard, output, Counter(), None
 
-    def __enter__(self): self.log = records.RecordLog(self.out_dir, shard=self.shard); return self
+    def __enter__(self):
+        self.log = self.output if self.output is not None else records.RecordLog(self.out_dir, shard=self.shard); return self
     def __exit__(self, *exc): self.log.close(); self.log = None
 
     def __call__(self, rec):
@@ -227,11 +232,108 @@ class RecordSink:
         else: self.counts[replaces] -= 1
         self.counts[records.outcome(rec)] += 1
 
+# %% ../nbs/03a_run.ipynb #d2663277
+TAR_SAMPLES = 10_000  # samples per WebDataset tar of a local run's writer, at most
+
+def on_store(cfg) -> bool:
+    "Whether a run of `cfg` goes through a `store.Store` (its output dir is a URL, or it writes WebDataset); else the guide's local files."
+    return cfg.output_format == 'webdataset' or _protocol(str(cfg.output_dir)) is not None
+
+# %% ../nbs/03a_run.ipynb #f93f6205
+class StoreOutput:
+    "What one writer of a run on a store writes: image objects (or the samples of its WebDataset tars) and record parts of `shard`."
+    def __init__(self, cfg, shard:str,        # the run's config; the parts' shard (a Dask shard's name, or 'local')
+                 tar_name:str|None=None,      # WebDataset: tars named `{tar_name}-00000`, `-00001`... (None: one tar named `shard`)
+                 tar_samples:int=TAR_SAMPLES, # WebDataset: samples per tar, at most
+                 part_seconds:float=5.0):     # no record is held longer than this before its part is written
+        self.store, self.webdataset = open_store(cfg.output_dir, cfg.storage_options), cfg.output_format == 'webdataset'
+        self.parts, self.shard, self.tar_name, self.tar_samples = PartWriter(self.store, shard, seconds=part_seconds), shard, tar_name, tar_samples
+        self.tar, self.tars, self.held, self.lock = None, 0, {}, threading.Lock()
+
+    def put_image(self, index:int, data:bytes) -> str:
+        "Put the image of row `index` (an object), or hold it for the tar until its record comes; the path its record keeps."
+        if not self.webdataset: return self.store.put(image_path(index), data)
+        with self.lock: self.held[index] = data
+        return f'{TARS_DIR}/{self.shard}.tar/{index}.jpg'  # the tar's own name replaces it when the sample goes in
+
+    def drop_image(self, index:int):
+        "Row `index` ends with no saved record (given up on, or the run closed): its image goes."
+        if not self.webdataset: self.store.delete(image_path(index))
+        else:
+            with self.lock: self.held.pop(index, None)
+
+# %% ../nbs/03a_run.ipynb #e1cccaff
+@patch
+def saved(self:StoreOutput, rec:records.Saved) -> records.Saved:
+    "Record the saved row `rec`: in a part, or (WebDataset) as a sample of the open tar, which is published when full."
+    if not self.webdataset: self.parts.saved(rec); return rec
+    with self.lock:
+        if self.tar is None:
+            name = self.shard if self.tar_name is None else f'{self.tar_name}-{self.tars:05d}'
+            self.tar, self.tars = TarShardWriter(self.store, name), self.tars + 1
+        rec = self.tar.add(rec, self.held.pop(rec.index))
+        if len(self.tar.recs) >= self.tar_samples: self.tar.close(); self.tar = None
+    return rec
+
+@patch
+def failed(self:StoreOutput, rec:records.Failed): self.parts.failed(rec)
+
+@patch
+def close(self:StoreOutput):
+    "Publish the open tar (its samples all have their image) and write the records held."
+    with self.lock:
+        if self.tar is not None: self.tar.close(); self.tar = None
+    self.parts.close()
+
+# %% ../nbs/03a_run.ipynb #06312a8c
+_STORE_LOCK = '_lock.json'  # an object store's run lock: who holds it, and when it last said so
+_BEAT = 20.0                # seconds between the heartbeats of a store lock; another host's lock is stale after three missed
+
+def _holder_alive(held:dict) -> bool:
+    "Whether the run that wrote the lock `held` may still be running."
+    if held.get('host') == socket.gethostname():
+        try: os.kill(int(held['pid']), 0); return True
+        except PermissionError: return True
+        except (ProcessLookupError, KeyError, TypeError, ValueError): return False
+    try: return time.time() - float(held.get('beat', 0)) < 3 * _BEAT
+    except (TypeError, ValueError): return False
+
+# %% ../nbs/03a_run.ipynb #3bd5b1b4
+class StoreLock:
+    "The run lock of an output on an object store: `_lock.json` naming the run, renewed while it runs; `OutputBusy` if held."
+    def __init__(self, store:Store):
+        self.store, self.stop = store, threading.Event()
+        try: held = json.loads(store.get(_STORE_LOCK))
+        except (FileNotFoundError, ValueError): held = None
+        if isinstance(held, dict) and _holder_alive(held):
+            raise OutputBusy(f'output {store.url_of("")} is in use by another run (host {held.get("host")}, pid {held.get("pid")}, '
+                             f'started {held.get("started")}): wait for it to end or stop it; its lock, {store.url_of(_STORE_LOCK)}, '
+                             f'is stale {3 * _BEAT:g} s after its last heartbeat')
+        self.me = {'host': socket.gethostname(), 'pid': os.getpid(), 'token': uuid.uuid4().hex,
+                   'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}
+        self._write()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name='laion_nb-store-lock'); self.thread.start()
+
+    def _write(self): self.store.put(_STORE_LOCK, json.dumps({**self.me, 'beat': time.time()}))
+    def _beat(self):
+        while not self.stop.wait(_BEAT):
+            try: self._write()
+            except Exception: pass  # a missed beat: the next one tries again
+
+# %% ../nbs/03a_run.ipynb #bbe17670
+@patch
+def release(self:StoreLock):
+    "Stop the heartbeat and remove the lock, if it is still this run's."
+    self.stop.set(); self.thread.join(5)
+    try:
+        if json.loads(self.store.get(_STORE_LOCK)).get('token') == self.me['token']: self.store.delete(_STORE_LOCK)
+    except (FileNotFoundError, ValueError, AttributeError): pass
+
 # %% ../nbs/03a_run.ipynb #7bfbafa0
 @dataclass
 class DownloadReport:
     "What a `download` run did."
-    output_dir:Path
+    output_dir:Path|str     # the output dir, or the URL of the output on an object store
     rows:int                # rows of the dump in range (the first `max_samples`)
     skipped:int             # already done before this run
     attempted:int           # rows tried in this run
@@ -243,6 +345,7 @@ class DownloadReport:
     errors_file:Path|None   # `download_errors.json`, when any row is failed
     interrupted:bool=False
     missing:int=0           # saved before, but their file was gone from images/: fetched again in this run
+    orphans:int=0           # images without a record (a killed run on a store): their rows fetched again in this run
 
     @property
     def urls_per_s(self) -> float: return self.attempted / self.seconds if self.seconds else 0.0
@@ -253,7 +356,8 @@ def __repr__(self:DownloadReport):
     t = self.summary
     head = (f'download {"interrupted" if self.interrupted else "done"}: {self.attempted:,} rows tried in {self.seconds:.1f} s '
             f'({self.urls_per_s:,.1f}/s): {self.saved:,} saved, {self.failed:,} failed; {self.skipped:,} already done'
-            f'{f"; {self.missing:,} saved image(s) were gone from images/ and fetched again" if self.missing else ""}\n'
+            f'{f"; {self.missing:,} saved image(s) were gone from images/ and fetched again" if self.missing else ""}'
+            f'{f"; {self.orphans:,} image(s) without a record (a killed run) fetched again" if self.orphans else ""}\n'
             f'{self.output_dir}: {t["saved"]:,} of {t["attempted"]:,} rows saved, {t["failed"]:,} failed')
     if not t['by_type']: return head
     w = max(len(k) for k in t['by_type'])
@@ -270,30 +374,53 @@ class Executor:
 
 # %% ../nbs/03a_run.ipynb #bcb0e784
 class Run:
-    "One run of `cfg`, from its opened output dir (made, locked, repaired) to its report."
+    "One run of `cfg`, from its opened output dir (made, locked, repaired) or store (checked, locked) to its report."
     def __init__(self, cfg, progress='auto'): # 'auto' (a text bar), None, or a progress object
-        from laion_nb.metadata import Dump, DumpError  # pyarrow: only the parent reads the dump
+        from laion_nb.metadata import Dump  # pyarrow: only the parent reads the dump
         self.cfg, self.t0, self.progress = cfg, time.monotonic(), _as_progress(progress)
-        self.dump, self.out = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col), Path(cfg.output_dir)
-        try: self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e: raise DumpError(f'cannot create output dir {self.out} (--output-dir): {e}') from None
-        lock_output(self.out)  # one run at a time per output dir: released by `close`
-        try: records.cut_partial_lines(self.out); _clean_temp_files(self.out)
-        except BaseException: unlock_output(self.out); raise
+        self.dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col)
+        self.store = open_store(cfg.output_dir, cfg.storage_options) if on_store(cfg) else None
+        self.out = Path(cfg.output_dir) if self.store is None else Path(self.store.root) if self.store.local else self.store.url_of('')
+        self._open()
         self.n_rows = len(self.dump) if cfg.max_samples is None else min(cfg.max_samples, len(self.dump))
-        self.sink, self.skipped, self.missing, self.total = RecordSink(self.out, self.progress), 0, 0, 0
-        self.interrupted, self._shown = False, False
+        self.sink, self.skipped, self.missing, self.orphans, self.total = RecordSink(self.out, self.progress), 0, 0, 0, 0
+        self.interrupted, self._shown, self.stamp = False, False, time.strftime('%Y%m%d-%H%M%S', time.gmtime())
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
+
+# %% ../nbs/03a_run.ipynb #518343b4
+@patch
+def _open(self:Run):
+    "Make the output dir and take its lock, repairing what a killed run left; on an object store, check it and take its lock object."
+    from laion_nb.metadata import DumpError
+    if self.store is not None and not self.store.local: self.store.check(); self.lock = StoreLock(self.store); return
+    try: self.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise DumpError(f'cannot create output dir {self.out} (--output-dir): {e}') from None
+    lock_output(self.out)  # one run at a time per output dir: released by `close`
+    if self.store is not None: return  # a local store: its writers leave no half line and no temp file it lists
+    try: records.cut_partial_lines(self.out); _clean_temp_files(self.out)
+    except BaseException: unlock_output(self.out); raise
+
+# %% ../nbs/03a_run.ipynb #65a78a6c
+@patch
+def writer(self:Run, k:int, tar_samples:int=TAR_SAMPLES) -> dict|None:
+    "The keywords of the `StoreOutput` of writer `k` of this run (this process's pool, or worker process `k`); None for local files."
+    if self.store is None: return None
+    return dict(shard='local', tar_name=f'{self.stamp}-{k:02d}', tar_samples=tar_samples)
 
 # %% ../nbs/03a_run.ipynb #99411db0
 @patch
 def plan(self:Run) -> np.ndarray:
     "The rows done before this run (sorted); counts the skipped, missing and left, and starts the progress display."
     import numpy as np
-    missing = []
-    done = done_indices(self.out, self.cfg.retry_failed, missing)
+    if self.store is None:
+        missing = []
+        done = done_indices(self.out, self.cfg.retry_failed, missing)
+    else:  # the parts merged; tars a killed run left unpublished are removed (their rows are not done)
+        r = resume(self.store, self.cfg.retry_failed)
+        done, missing, self.orphans = r.done, r.missing, int(np.count_nonzero(r.orphans < self.n_rows))
+        for name in r.uncommitted: self.store.delete(f'{TARS_DIR}/{name}.tar')
     self.skipped, self.missing = int(np.searchsorted(done, self.n_rows)), len(missing)
     self.total = self.n_rows - self.skipped
     if self.progress: self._shown = True; self.progress.start(self.total)
@@ -317,18 +444,29 @@ def _end_progress(self:Run):
     if self._shown: self._shown = False; self.progress.close()
 
 @patch
+def _summary(self:Run) -> tuple[dict, Path|str|None]:
+    "Write the run's final records (`download_errors.json`; on a store also `image_paths.jsonl`); the summary and the errors file."
+    if self.store is None:
+        o = records.read_outcomes(self.out)
+        return o.summary(), records.write_errors_json(self.out, o)
+    c = finalize(self.store, drop_orphans=not self.interrupted)  # an image no record explains goes, once no writer runs
+    err = (self.out/records.ERRORS_FILE if self.store.local else self.store.url_of(records.ERRORS_FILE)) if c['failed'] else None
+    return {k: c[k] for k in ('attempted', 'saved', 'failed', 'by_type', 'by_status')}, err
+
+@patch
 def report(self:Run) -> DownloadReport:
-    "End the progress display, rebuild `download_errors.json` from the logs, and report this run."
+    "End the progress display, write the final records from the logs or parts, and report this run."
     self._end_progress()
-    o = records.read_outcomes(self.out)
-    errors = records.write_errors_json(self.out, o)
+    summary, errors = self._summary()
     counts = +self.sink.counts; saved = counts.pop('saved', 0); failed = sum(counts.values())
     return DownloadReport(self.out, self.n_rows, self.skipped, saved + failed, saved, failed, dict(counts.most_common()),
-                          time.monotonic() - self.t0, o.summary(), errors, self.interrupted, self.missing)
+                          time.monotonic() - self.t0, summary, errors, self.interrupted, self.missing, self.orphans)
 
 # %% ../nbs/03a_run.ipynb #fa3fcf0a
 @patch
 def close(self:Run):
-    "End the progress display and release the output dir's lock."
+    "End the progress display and release the output's lock."
     try: self._end_progress()
-    finally: unlock_output(self.out)
+    finally:
+        if self.store is not None and not self.store.local: self.lock.release()
+        else: unlock_output(self.out)

@@ -15,7 +15,8 @@ from . import records
 from .download import DownloadConfig, DownloadReport, download
 from .errors import ERROR_TYPES, MissingExtra, is_transient
 from .pool import run_rows
-from .run import Executor, RecordSink, Run, pending_rows
+from .run import Executor, RecordSink, Run, StoreOutput, on_store, pending_rows
+from .store import PARTS_DIR, TARS_DIR, Store, _objects, _part_records, _protocol, committed_shards
 
 # %% auto #0
 __all__ = ['SHARD_SIZE', 'Shard', 'plan_shards', 'run_shard', 'DaskExecutor', 'download_on_dask']
@@ -46,8 +47,9 @@ def _shard_done(out_dir, shard:Shard, retry_failed:bool) -> set[int]:
     return done
 
 def run_shard(cfg:DownloadConfig, shard:Shard, done=()) -> dict:
-    "Download the rows of `shard` not in `done`, recording them in the shard's own logs; returns counts by outcome."
+    "Download the rows of `shard` not in `done`, recording them in the shard's own logs (or parts, on a store); returns counts by outcome."
     from laion_nb.metadata import Dump
+    if on_store(cfg): return _run_store_shard(cfg, shard, done)
     with RecordSink(cfg.output_dir, shard=shard.name) as sink:
         tmp = sink.log.out_dir/'tmp'
         shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
@@ -57,12 +59,35 @@ def run_shard(cfg:DownloadConfig, shard:Shard, done=()) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     return {'shard': shard.name, **sink.counts}
 
+# %% ../nbs/07_scale.ipynb #5b9f2956
+def _store_shard_done(store:Store, shard:Shard, retry_failed:bool) -> set[int]:
+    "The rows an earlier attempt at `shard` recorded in its parts or published in its tars: saved ones, and permanent failures."
+    import pyarrow.parquet as pq
+    keys, done = [k for k in store.list(f'{PARTS_DIR}/{shard.name}') if k.endswith('.jsonl')], set()
+    for k, data in store.get_many(keys).items():
+        for cls, r in _part_records(k, data[:data.rfind(b'\n') + 1], store.url_of(k))[0]:
+            if cls is records.Saved or not (retry_failed or is_transient(r['error_type'], r['status'])): done.add(r['index'])
+    for name in committed_shards(store):
+        if name == shard.name or name.startswith(shard.name + '_'):
+            with store.open(f'{TARS_DIR}/{name}.parquet') as f: done.update(pq.read_table(f, columns=['index'])['index'].to_pylist())
+    return done
+
+def _run_store_shard(cfg:DownloadConfig, shard:Shard, done=()) -> dict:
+    "`run_shard` on a store: images as objects (or one tar for the shard), records as the shard's parts."
+    from laion_nb.metadata import Dump
+    out = StoreOutput(cfg, shard.name, tar_samples=len(shard) + 1, part_seconds=2.0)  # WebDataset: one tar, `{shard}.tar`
+    done = set(done) | _store_shard_done(out.store, shard, cfg.retry_failed)
+    with RecordSink(None, output=out) as sink:
+        dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col)
+        run_rows(cfg, pending_rows(dump, done, shard.stop, shard.start), sink, output=out)
+    return {'shard': shard.name, **sink.counts}
+
 # %% ../nbs/07_scale.ipynb #e8b56ed0
 class _ShardTail:
     "Reads the records the shards of `out_dir` append, from where it last stopped."
     def __init__(self, out_dir): self.out_dir, self.offsets = Path(out_dir), {}
 
-    def read(self) -> list:
+    def read(self, force:bool=False) -> list:
         "The records written since the last call."
         new = []
         for name, cls in ((records.SAVED_FILE, records.Saved), (records.FAILED_LOG, records.Failed)):
@@ -79,14 +104,40 @@ class _ShardTail:
                     except (ValueError, TypeError): pass  # a bad line is the readers' to report
         return new
 
+# %% ../nbs/07_scale.ipynb #00774bfc
+class _PartTail:
+    "Reads the records of a run on a store that appeared since the last call: new parts, and the parquets of new published tars."
+    def __init__(self, store:Store):
+        self.store, self.every, self.last = store, 1.0, 0.0
+        self.seen = set(self._keys())
+
+    def _keys(self) -> list[str]:
+        parts = [k for k in self.store.list(PARTS_DIR) if k.endswith('.jsonl')]
+        return parts + [f'{TARS_DIR}/{n}.parquet' for n in committed_shards(self.store)]
+
+    def read(self, force:bool=False) -> list:
+        "The records written since the last call (nothing if the last look was too recent, unless `force`)."
+        import pyarrow.parquet as pq
+        if not force and time.monotonic() - self.last < self.every: return []
+        t0, new = time.monotonic(), []
+        keys = [k for k in self._keys() if k not in self.seen]
+        for k, data in self.store.get_many([k for k in keys if k.endswith('.jsonl')]).items():  # parts are put whole
+            new += [cls(**r) for cls, r in _part_records(k, data, self.store.url_of(k))[0]]
+        for k in (k for k in keys if k.endswith('.parquet')):
+            with self.store.open(k) as f: new += list(_objects(pq.read_table(f).to_pandas(), records.Saved))
+        self.seen.update(keys); self.last = time.monotonic(); self.every = max(1.0, 5 * (self.last - t0))
+        return new
+
 # %% ../nbs/07_scale.ipynb #228f4aeb
 _KINDS = ('saved',) + ERROR_TYPES  # a row's outcome, as its place here plus one (0: no record yet)
 
 class _Follow:
     "Passes the records the shards of `run` append to `run.sink`; a row recorded twice counts once, with its last outcome."
-    def __init__(self, run:Run): self.run, self.tail, self.last = run, _ShardTail(run.out), np.zeros(run.n_rows, dtype=np.int8)
-    def __call__(self):
-        for rec in self.tail.read():
+    def __init__(self, run:Run):
+        self.run, self.last = run, np.zeros(run.n_rows, dtype=np.int8)
+        self.tail = _ShardTail(run.out) if run.store is None else _PartTail(run.store)
+    def __call__(self, force:bool=False):
+        for rec in self.tail.read(force):
             k = self.last[rec.index]
             self.run.sink.count(rec, replaces=_KINDS[k - 1] if k else None)
             self.last[rec.index] = _KINDS.index(records.outcome(rec)) + 1
@@ -102,15 +153,16 @@ def _need_dask():
 
 # %% ../nbs/07_scale.ipynb #63dbc7b0
 class DaskExecutor(Executor):
-    "A Dask cluster: one task per shard of `shard_size` rows; the output dir must be on a filesystem the workers share."
+    "A Dask cluster: one task per shard of `shard_size` rows; the output dir is on a filesystem the workers share, or a URL (s3://...)."
     def __init__(self, client=None,              # a `dask.distributed.Client`, a scheduler address, or None: a LocalCluster
                  shard_size:int=SHARD_SIZE):     # rows per shard
         _need_dask()
         self.client, self.shard_size = client, shard_size
 
     def config(self, cfg:DownloadConfig) -> DownloadConfig:
-        "`cfg` with absolute paths, as the workers see them."
-        return replace(cfg, metadata=Path(cfg.metadata).resolve(), output_dir=Path(cfg.output_dir).resolve())
+        "`cfg` with absolute paths (URLs as they are), as the workers see them."
+        where = lambda p: p if _protocol(str(p)) is not None else Path(p).resolve()
+        return replace(cfg, metadata=where(cfg.metadata), output_dir=where(cfg.output_dir))
 
     def _connect(self):
         "A client, and what to close when the run ends."
@@ -135,7 +187,7 @@ def _work(done:np.ndarray, n_rows:int, shard_size:int) -> list[tuple[Shard, list
 def __call__(self:DaskExecutor, run:Run):
     "Do the pending rows of `run` as shard tasks on the cluster, their records followed into `run.sink`."
     from dask.distributed import wait
-    records.merge_shards(run.out)  # what a stopped run's shards recorded
+    if run.store is None: records.merge_shards(run.out)  # what a stopped run's shards recorded (a store's parts: `run.plan` reads them)
     work, follow = _work(run.plan(), run.n_rows, self.shard_size), _Follow(run)
     client, to_close = self._connect()
     futures = []
@@ -152,9 +204,9 @@ def __call__(self:DaskExecutor, run:Run):
         for f in futures: f.result()  # raise a shard's error, now that every shard has stopped
     except KeyboardInterrupt: client.cancel(futures); raise
     finally:
-        follow()
+        follow(force=True)
         for c in to_close: c.close()
-        records.merge_shards(run.out)
+        if run.store is None: records.merge_shards(run.out)
 
 # %% ../nbs/07_scale.ipynb #5d4b05ba
 def download_on_dask(cfg:DownloadConfig,

@@ -152,10 +152,18 @@ def delete(self:Store, rel:str):
 
 Store.open = _open  # not @patch: a module-level `open` would hide the builtin
 
+# %% ../nbs/09_store.ipynb #15444a49
+def _forget_listings(fs, top:str):
+    "Drop the cached listings of `top`, its parents and every folder under it (fsspec's `invalidate_cache` keeps those under it)."
+    # a stale listing of a folder makes fsspec refuse a read of a key another process wrote there since: FileNotFoundError
+    fs.invalidate_cache(top)
+    for k in [k for k in list(fs.dircache) if k.startswith(top.rstrip('/') + '/')]: fs.dircache.pop(k, None)
+
 @patch
 def get_many(self:Store, rels:list) -> dict:
     "The contents of the keys `rels`, as {key: bytes}: fetched concurrently from an object store (fsspec's batched `cat`)."
     if self.local: return {k: self.get(k) for k in rels}
+    for d in {self.path(k).rpartition('/')[0] for k in rels}: _forget_listings(self.fs, d)  # keys listed by another call or process
     got = self.fs.cat([self.path(k) for k in rels]) if rels else {}
     return {k: got[self.path(k)] for k in rels}
 
@@ -170,7 +178,7 @@ def _list(self:Store, prefix:str='') -> list[str]:
         for d, _, files in os.walk(top):
             found += [os.path.relpath(os.path.join(d, f), self.root).replace(os.sep, '/') for f in files if not _temporary(f)]
         return sorted(found)
-    self.fs.invalidate_cache(top)  # another process may have written since we last looked
+    _forget_listings(self.fs, top)  # another process may have written since we last looked
     n = len(self.root) + 1
     return sorted(p[n:] for p in self.fs.find(top) if not _temporary(p.rpartition('/')[2]))
 
