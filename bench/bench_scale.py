@@ -12,7 +12,7 @@ import argparse, os, resource, shutil, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_download import Server  # the image server in a process of its own
+from bench_download import DemoServer as Server  # the image server in a process of its own
 
 
 def cpu():
