@@ -11,6 +11,8 @@ def moto_s3(*buckets):
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    import urllib.request  # moto's state is per process, not per server: a module's server starts empty, whoever ran before
+    urllib.request.urlopen(urllib.request.Request(f'http://{host}:{port}/moto-api/reset', method='POST'), timeout=10).read()
     env = dict(AWS_ENDPOINT_URL=f'http://{host}:{port}', AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing',
                AWS_DEFAULT_REGION='us-east-1', AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     old = {k: os.environ.get(k) for k in [*env, 'AWS_ENDPOINT_URL_S3', 'AWS_PROFILE']}

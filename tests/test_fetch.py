@@ -191,22 +191,24 @@ def test_hanging_false_leaves_out_what_ends_only_at_a_deadline(server, tmp_path)
 
 def test_hanging_routes_end_when_the_server_stops():
     "Clients that never read: every hostile route's thread still ends soon after the server stops."
-    before = threading.active_count()
+    before = set(threading.enumerate())  # other tests' threads may come and go: count only the ones this server starts
     s = demo.ImageServer().start()
     clients = []
     for route in HANGING + FLOODS:
         c = socket.create_connection(('127.0.0.1', s.port)); c.sendall(f'GET /{route} HTTP/1.1\r\nHost: x\r\n\r\n'.encode())
         clients.append(c)
     clients.append(socket.create_connection(('127.0.0.1', int(s.slow_tls_url.split(':')[2].split('/')[0]))))
-    time.sleep(0.5)
-    assert threading.active_count() >= before + len(clients)
+    new = lambda: [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    t = time.monotonic()
+    while len(new()) < len(clients) and time.monotonic() < t + 5: time.sleep(0.05)
+    assert len(new()) >= len(clients), f'{len(new())} server threads for {len(clients)} clients'
     s.stop()
     t = time.monotonic()
-    while threading.active_count() > before and time.monotonic() < t + 8: time.sleep(0.05)
+    while new() and time.monotonic() < t + 8: time.sleep(0.05)
     print(f'threads ended {time.monotonic() - t:.2f} s after stop')
-    left = [t.name for t in threading.enumerate()][before:]
+    left = [t.name for t in new()]
     for c in clients: c.close()
-    assert threading.active_count() <= before, left
+    assert not left, left
 
 
 # ---------------------------------------------------------------- the event loop: many in flight, kept connections, limits

@@ -167,6 +167,12 @@ def test_breakdown_equals_records(tmp_path):
         log.failed(records.Failed(3, 'http://img3.example/3.jpg', 'reset', None, 'connection reset', 4))
         log.failed(records.Failed(6, 'http://img6.example/6.jpg', 'internal', None, 'a bug: KeyError', 1))  # a newer type
     summary = records.summary(out)
+    # what the rows written above say, counted here, not by the records code the widget reads through
+    written = {i: FAILURES[(i // 3) % len(FAILURES)][:2] for i in range(0, 150, 3)}  # row -> (error type, status)
+    del written[0]; written[3], written[6] = ('reset', None), ('internal', None)
+    assert (summary['saved'], summary['failed']) == (101, 49) == (150 - len(written), len(written))
+    assert summary['by_type'] == dict(Counter(t for t, _ in written.values()))
+    assert summary['by_status'] == dict(Counter(str(st) for _, st in written.values() if st is not None))
     failed = records.read_failed(out)
     eb = ErrorBreakdown(out, samples=5)
     assert eb.summary == summary
