@@ -96,7 +96,7 @@ class _FsPath:
     def is_dir(self) -> bool: return self._type() == 'directory'
     def iterdir(self): return (_FsPath(self.fs, d['name'], d['type']) for d in self.fs.ls(self.path, detail=True))
     def glob(self, pattern:str): return (_FsPath(self.fs, p) for p in self.fs.glob(f'{self.path}/{pattern}'))
-    def open(self, mode:str='rb'): return self.fs.open(self.path, mode)  # random access: pyarrow reads footers and row groups, not the file
+    def open(self, mode:str='rb', **kw): return self.fs.open(self.path, mode, **kw)
 
 def _locate(path, storage_options:dict|None=None) -> Path|_FsPath:
     "`path` as a local `Path`, or an `_FsPath` on its filesystem when it is a URL (`storage_options` for that filesystem only)."
@@ -164,7 +164,7 @@ class Dump:
             raise DumpError(f'{path}: cannot read the dump there ({type(e).__name__}: {e})') from None
         self._files = []
         for shard in self.shards:
-            try: self._files.append(pq.ParquetFile(shard.open() if isinstance(shard, _FsPath) else shard))
+            try: self._files.append(pq.ParquetFile(shard.open(cache_type='none') if isinstance(shard, _FsPath) else shard))  # ranged reads, no read-ahead
             except (pa.ArrowInvalid, OSError) as e: raise DumpError(f'{shard}: not a readable parquet file ({e})') from None
         names = self._files[0].schema_arrow.names
         self.url_col = _pick_column(names, url_col, _URL_COLUMNS, 'URL', self.shards[0])
@@ -304,7 +304,7 @@ def embedding_files(self:Dump, kind:str='img') -> list[Path]:
 class _RemoteNpy:
     "A 2-d .npy on an object store, as far as the dump uses one: shape and dtype from its header, rows read by range when indexed."
     def __init__(self, path:_FsPath):
-        self.f = path.open()
+        self.f = path.open(cache_type='none')  # one ranged read per run of rows, no 50 MB read-ahead block
         version = np.lib.format.read_magic(self.f)  # ValueError when it is not a .npy
         read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if read is None: raise ValueError(f'.npy format version {version} is not read from object stores')
@@ -314,14 +314,15 @@ class _RemoteNpy:
         self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
     def __len__(self): return self.shape[0]
     def __getitem__(self, idx):
-        "Rows `idx` (an int, a slice, or an array of ints): one ranged read per row."
+        "Rows `idx` (an int, a slice, or an array of ints): one ranged read per run of consecutive rows."
         if isinstance(idx, slice): idx = np.arange(*idx.indices(self.shape[0]))
         idx = np.asarray(idx, dtype=np.int64); one = idx.ndim == 0; idx = idx.reshape(-1)
-        out = np.empty((idx.size, *self.shape[1:]), self.dtype)
-        for j, i in enumerate(idx):
-            if not 0 <= i < self.shape[0]: raise IndexError(f'row {i} out of range for {self.shape[0]} rows')
-            self.f.seek(self._start + int(i) * self._row)
-            out[j] = np.frombuffer(self.f.read(self._row), self.dtype).reshape(self.shape[1:])
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]): raise IndexError(f'rows must lie in [0, {self.shape[0]})')
+        uniq, blocks = np.unique(idx), [np.empty((0, *self.shape[1:]), self.dtype)]
+        for run in np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1) if uniq.size else []:
+            self.f.seek(self._start + int(run[0]) * self._row)
+            blocks.append(np.frombuffer(self.f.read(len(run) * self._row), self.dtype).reshape(len(run), *self.shape[1:]))
+        out = np.concatenate(blocks)[np.searchsorted(uniq, idx)]
         return out[0] if one else out
 
 def _embeddings(self:Dump, kind:str) -> list[tuple[Path, np.ndarray]]:

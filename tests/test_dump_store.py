@@ -136,3 +136,23 @@ def test_errors_are_one_line_naming_the_location(s3, tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and (bad in last or 'did you mean s3://b/dump' in last), r.stderr
     assert not any(p.name.startswith('s3') for p in tmp_path.iterdir()), 'no local folder named s3:'
+
+
+def test_streaming_two_columns_fetches_those_columns_not_the_file(s3, tmp_path, monkeypatch):
+    "A shard with a large column not asked for: streaming url and caption fetches a small part of the file, not all of it."
+    import numpy as np, pyarrow as pa, pyarrow.parquet as pq, s3fs
+    n = 20_000
+    (tmp_path/'metadate').mkdir()
+    pq.write_table(pa.table({'url': [f'http://x.example/{i}.jpg' for i in range(n)], 'caption': ['a cat'] * n,
+                             'blob': [np.random.default_rng(i).bytes(200) for i in range(n)]}),
+                   tmp_path/'metadate'/'metadata_000.parquet', row_group_size=5_000)
+    url = f's3://{BUCKET}/wide-{uuid.uuid4().hex[:8]}'
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(tmp_path/'metadate'), f'{url}/metadate', recursive=True)
+    size = fs.size(f'{url}/metadate/metadata_000.parquet')
+    fetched = []
+    real = s3fs.core.S3File._fetch_range
+    monkeypatch.setattr(s3fs.core.S3File, '_fetch_range', lambda self, start, end: fetched.append(end - start) or real(self, start, end))
+    dump = Dump(url)
+    assert sum(len(b) for b in dump.batches(columns=('url', 'caption'), batch_size=3_000)) == n
+    assert 0 < sum(fetched) < size / 4, (sum(fetched), size)  # the blob column is most of the file and is never read
