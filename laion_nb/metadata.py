@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from fastcore.basics import patch
 
 from .errors import LaionNbError
+from .store import _filesystem, _protocol
 
 # %% auto #0
 __all__ = ['DumpError', 'Row', 'Dump']
@@ -30,7 +31,7 @@ _SUFFIXES = r'(?:\.(?:snappy|gz|gzip|zstd|zst|lz4|brotli))?\.(?:parquet|npy)$'
 
 def _shard_digits(path:str|Path) -> str|None:
     "The shard number in a file name as written (`'0003'`): Spark's `part-N`, else the last number; None without one."
-    stem = re.sub(_SUFFIXES, '', Path(path).name)
+    stem = re.sub(_SUFFIXES, '', getattr(path, 'name', None) or Path(path).name)
     m = re.search(r'\bpart-(\d+)', stem) or re.search(r'(\d+)\D*$', stem)
     return m.group(1) if m else None
 
@@ -45,7 +46,7 @@ _META_SUFFIXES = ('-metadata', '_metadata')  # the-eye's LAION-5B: laion2B-en/la
 
 def _is_meta_dir(path:str|Path) -> bool:
     "Is `path` named as the metadata folder of a dump (so that its parent is the dump root)?"
-    name = Path(path).name
+    name = getattr(path, 'name', None) or Path(path).name
     return name in _META_DIRS or name.endswith(_META_SUFFIXES)
 
 def _not_a_shard(path:Path) -> str|None:
@@ -71,10 +72,45 @@ def _meta_dir(path:Path) -> Path|None:
     if len(found) > 1: raise DumpError(f'{path}: {len(found)} metadata folders ({", ".join(p.name for p in found)}); point Dump at one')
     return found[0] if found else None
 
+# %% ../nbs/00_metadata.ipynb #7ed3f7a9
+class _FsPath:
+    "A file or folder on an fsspec filesystem with the `Path` methods finding a dump needs; it prints as its URL."
+    def __init__(self, fs, path:str, kind:str|None=None): self.fs, self.path, self._kind = fs, path.rstrip('/'), kind
+    def __str__(self): return self.fs.unstrip_protocol(self.path)
+    def __repr__(self): return f'_FsPath({str(self)!r})'
+    def __eq__(self, o): return isinstance(o, _FsPath) and o.path == self.path
+    def __hash__(self): return hash(self.path)
+    def __lt__(self, o): return self.path < o.path
+    def __truediv__(self, name:str): return _FsPath(self.fs, f'{self.path}/{name}')
+    @property
+    def name(self) -> str: return self.path.rpartition('/')[2]
+    @property
+    def parent(self): return _FsPath(self.fs, self.path.rpartition('/')[0]) if '/' in self.path else self  # a bucket is its own parent
+    def _type(self) -> str:
+        if self._kind is None:
+            try: self._kind = self.fs.info(self.path)['type']
+            except FileNotFoundError: self._kind = 'missing'
+        return self._kind
+    def exists(self) -> bool: return self._type() != 'missing'
+    def is_file(self) -> bool: return self._type() == 'file'
+    def is_dir(self) -> bool: return self._type() == 'directory'
+    def iterdir(self): return (_FsPath(self.fs, d['name'], d['type']) for d in self.fs.ls(self.path, detail=True))
+    def glob(self, pattern:str): return (_FsPath(self.fs, p) for p in self.fs.glob(f'{self.path}/{pattern}'))
+    def open(self, mode:str='rb', **kw): return self.fs.open(self.path, mode, **kw)
+
+def _locate(path, storage_options:dict|None=None) -> Path|_FsPath:
+    "`path` as a local `Path`, or an `_FsPath` on its filesystem when it is a URL (`storage_options` for that filesystem only)."
+    if isinstance(path, _FsPath): return path
+    proto = _protocol(str(path))  # BadLocation for s3:/b/x; Path('s3://b/x') prints as s3:/b/x, so it is one too
+    if proto is None: return Path(path)
+    if proto == 'file': return Path(str(path)[len('file://'):])
+    fs = _filesystem(proto, str(path), dict(storage_options or {}))
+    return _FsPath(fs, fs._strip_protocol(str(path)))
+
 # %% ../nbs/00_metadata.ipynb #6f5d9e12
-def _find_shards(path:str|Path) -> _Shards:
+def _find_shards(path:str|Path, storage_options:dict|None=None) -> _Shards:
     "The dump root, the metadata shards at `path` in shard order, and the other files beside them."
-    path = Path(path)
+    path = _locate(path, storage_options)
     if not path.exists(): raise DumpError(f'{path}: no such file or directory')
     if path.is_file(): return _Shards(path.parent.parent if _is_meta_dir(path.parent) else None, [path], [])
     meta = None if _is_meta_dir(path) else _meta_dir(path)
@@ -120,11 +156,15 @@ class Dump:
                  path:str|Path,        # dump root, its metadata folder, a folder of parquet shards, or one parquet file
                  url_col:str|None=None,     # URL column; None: the first of url, URL, image_url, link
                  caption_col:str|None=None, # caption column; None: the first of caption, TEXT, text, title
+                 storage_options:dict|None=None, # with a URL `path`: options of its fsspec filesystem (endpoint_url, ...); ignored for a local one
                 ):
-        self.root, self.shards, self.skipped = _find_shards(path)
+        try: self.root, self.shards, self.skipped = _find_shards(path, storage_options)
+        except OSError as e:  # an object store's refusal (no bucket, no access): one line naming the location
+            if isinstance(path, Path) or _protocol(str(path)) in (None, 'file'): raise
+            raise DumpError(f'{path}: cannot read the dump there ({type(e).__name__}: {e})') from None
         self._files = []
         for shard in self.shards:
-            try: self._files.append(pq.ParquetFile(shard))
+            try: self._files.append(pq.ParquetFile(shard.open(cache_type='none') if isinstance(shard, _FsPath) else shard))  # ranged reads, no read-ahead
             except (pa.ArrowInvalid, OSError) as e: raise DumpError(f'{shard}: not a readable parquet file ({e})') from None
         names = self._files[0].schema_arrow.names
         self.url_col = _pick_column(names, url_col, _URL_COLUMNS, 'URL', self.shards[0])
@@ -261,12 +301,36 @@ def embedding_files(self:Dump, kind:str='img') -> list[Path]:
     return files
 
 # %% ../nbs/00_metadata.ipynb #8b2e6d41
+class _RemoteNpy:
+    "A 2-d .npy on an object store, as far as the dump uses one: shape and dtype from its header, rows read by range when indexed."
+    def __init__(self, path:_FsPath):
+        self.f = path.open(cache_type='none')  # one ranged read per run of rows, no 50 MB read-ahead block
+        version = np.lib.format.read_magic(self.f)  # ValueError when it is not a .npy
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None: raise ValueError(f'.npy format version {version} is not read from object stores')
+        self.shape, fortran, self.dtype = read(self.f)
+        if fortran and len(self.shape) > 1 and min(self.shape) > 1: raise ValueError('Fortran order: rows are not contiguous')
+        self.ndim, self._start = len(self.shape), self.f.tell()
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+    def __len__(self): return self.shape[0]
+    def __getitem__(self, idx):
+        "Rows `idx` (an int, a slice, or an array of ints): one ranged read per run of consecutive rows."
+        if isinstance(idx, slice): idx = np.arange(*idx.indices(self.shape[0]))
+        idx = np.asarray(idx, dtype=np.int64); one = idx.ndim == 0; idx = idx.reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]): raise IndexError(f'rows must lie in [0, {self.shape[0]})')
+        uniq, blocks = np.unique(idx), [np.empty((0, *self.shape[1:]), self.dtype)]
+        for run in np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1) if uniq.size else []:
+            self.f.seek(self._start + int(run[0]) * self._row)
+            blocks.append(np.frombuffer(self.f.read(len(run) * self._row), self.dtype).reshape(len(run), *self.shape[1:]))
+        out = np.concatenate(blocks)[np.searchsorted(uniq, idx)]
+        return out[0] if one else out
+
 def _embeddings(self:Dump, kind:str) -> list[tuple[Path, np.ndarray]]:
     "Every shard's `kind` embedding file and its array, memory-mapped, each checked to line up with its metadata."
     out = []
     for shard, path, n in zip(self.shards, self.embedding_files(kind), self.shard_rows):
         if not path.exists(): raise DumpError(f'{path}: missing; it should hold the {kind} embeddings of {shard.name}')
-        try: arr = np.load(path, mmap_mode='r')
+        try: arr = _RemoteNpy(path) if isinstance(path, _FsPath) else np.load(path, mmap_mode='r')
         except ValueError as e: raise DumpError(f'{path}: not a readable .npy file ({e})') from None
         if arr.ndim != 2 or arr.shape[0] != n:
             raise DumpError(f'{path}: {arr.shape[0] if arr.ndim else 0} rows of {kind} embeddings but {shard.name} has {n} rows '

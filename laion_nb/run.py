@@ -378,7 +378,7 @@ class Run:
     def __init__(self, cfg, progress='auto'): # 'auto' (a text bar), None, or a progress object
         from laion_nb.metadata import Dump  # pyarrow: only the parent reads the dump
         self.cfg, self.t0, self.progress = cfg, time.monotonic(), _as_progress(progress)
-        self.dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col)
+        self.dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col, storage_options=cfg.storage_options)  # one set of options for the dump and the output
         self.store = open_store(cfg.output_dir, cfg.storage_options) if on_store(cfg) else None
         self.out = Path(cfg.output_dir) if self.store is None else Path(self.store.root) if self.store.local else self.store.url_of('')
         self._open()
