@@ -33,7 +33,7 @@ class DownloadConfig:
     retry_failed:bool=False        # fetch again the rows that failed for a permanent reason (404, not an image, ...)
     url_col:str|None=None          # the URL column (None: found among url, URL, image_url, link)
     caption_col:str|None=None      # the caption column (None: found among caption, TEXT, text, title)
-    storage_options:dict|None=None # with a URL output dir: options of its fsspec filesystem (endpoint_url, profile, ...), beyond the standard environment
+    storage_options:dict|None=None # with a URL output dir or dump: options of their fsspec filesystem (endpoint_url, profile, ...), beyond the standard environment
     output_format:str='files'      # files (images/{index}.jpg) or webdataset (tars of {index}.jpg, .txt, .json under webdataset/)
     fetch:FetchConfig=field(default_factory=FetchConfig)  # how one URL is fetched: timeout, retries, byte cap, opt-out, ...
     images:ImageRules=field(default_factory=ImageRules)   # what image is kept and how it is saved: sizes, resize, ...
@@ -47,8 +47,8 @@ class DownloadConfig:
                 raise TypeError(f'{name} must be a {cls.__name__}, got {type(v).__name__} (flat keywords: DownloadConfig.build)')
         if self.output_format not in ('files', 'webdataset'): raise ValueError(f"output_format must be 'files' or 'webdataset', got {self.output_format!r}")
         url = _protocol(str(self.output_dir)) is not None  # BadLocation for s3:/b/run: a URL-shaped path never becomes a folder
-        if self.storage_options is not None and not (url and isinstance(self.storage_options, dict)):
-            raise ValueError(f'storage_options must be a dict of options for a URL output_dir, got {self.storage_options!r} for {self.output_dir}')
+        if self.storage_options is not None and not ((url or _protocol(str(self.metadata))) and isinstance(self.storage_options, dict)):
+            raise ValueError(f'storage_options must be a dict of options for a URL output_dir or metadata, got {self.storage_options!r}')
 
 # %% ../nbs/03_download.ipynb #3482ca65
 _PARTS = {'fetch': FetchConfig, 'images': ImageRules}  # the parts of a `DownloadConfig`, by field
@@ -73,6 +73,11 @@ def row_deadline(self:DownloadConfig) -> float:
     "The longest one row can take: every attempt timing out, plus the waits between them."
     f = self.fetch
     return (f.retries + 1) * f.timeout + f.retries * f.max_backoff + 5
+
+@patch(as_prop=True)
+def output_options(self:DownloadConfig) -> dict|None:
+    "`storage_options` for the output's store: None when the output is a local folder (they are the dump's then)."
+    return self.storage_options if _protocol(str(self.output_dir)) else None
 
 # %% ../nbs/03_download.ipynb #0d14e1c0
 def download(cfg:DownloadConfig,

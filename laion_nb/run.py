@@ -246,7 +246,7 @@ class StoreOutput:
                  tar_name:str|None=None,      # WebDataset: tars named `{tar_name}-00000`, `-00001`... (None: one tar named `shard`)
                  tar_samples:int=TAR_SAMPLES, # WebDataset: samples per tar, at most
                  part_seconds:float=5.0):     # no record is held longer than this before its part is written
-        self.store, self.webdataset = open_store(cfg.output_dir, cfg.storage_options), cfg.output_format == 'webdataset'
+        self.store, self.webdataset = open_store(cfg.output_dir, cfg.output_options), cfg.output_format == 'webdataset'
         self.parts, self.shard, self.tar_name, self.tar_samples = PartWriter(self.store, shard, seconds=part_seconds), shard, tar_name, tar_samples
         self.tar, self.tars, self.held, self.lock = None, 0, {}, threading.Lock()
 
@@ -379,7 +379,7 @@ class Run:
         from laion_nb.metadata import Dump  # pyarrow: only the parent reads the dump
         self.cfg, self.t0, self.progress = cfg, time.monotonic(), _as_progress(progress)
         self.dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col, storage_options=cfg.storage_options)  # one set of options for the dump and the output
-        self.store = open_store(cfg.output_dir, cfg.storage_options) if on_store(cfg) else None
+        self.store = open_store(cfg.output_dir, cfg.output_options) if on_store(cfg) else None
         self.out = Path(cfg.output_dir) if self.store is None else Path(self.store.root) if self.store.local else self.store.url_of('')
         self._open()
         self.n_rows = len(self.dump) if cfg.max_samples is None else min(cfg.max_samples, len(self.dump))

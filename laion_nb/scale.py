@@ -54,7 +54,7 @@ def run_shard(cfg:DownloadConfig, shard:Shard, done=()) -> dict:
         tmp = sink.log.out_dir/'tmp'
         shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
         done = set(done) | _shard_done(cfg.output_dir, shard, cfg.retry_failed)
-        dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col)
+        dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col, storage_options=cfg.storage_options)
         run_rows(cfg, pending_rows(dump, done, shard.stop, shard.start), sink, tmp_dir=tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     return {'shard': shard.name, **sink.counts}
@@ -78,7 +78,7 @@ def _run_store_shard(cfg:DownloadConfig, shard:Shard, done=()) -> dict:
     out = StoreOutput(cfg, shard.name, tar_samples=len(shard) + 1, part_seconds=2.0)  # WebDataset: one tar, `{shard}.tar`
     done = set(done) | _store_shard_done(out.store, shard, cfg.retry_failed)
     with RecordSink(None, output=out) as sink:
-        dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col)
+        dump = Dump(cfg.metadata, url_col=cfg.url_col, caption_col=cfg.caption_col, storage_options=cfg.storage_options)
         run_rows(cfg, pending_rows(dump, done, shard.stop, shard.start), sink, output=out)
     return {'shard': shard.name, **sink.counts}
 

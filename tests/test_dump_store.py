@@ -109,6 +109,22 @@ def test_a_download_from_s3_to_s3_with_storage_options(dumps, tmp_path, monkeypa
     finally: s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.parametrize('output_format', ['files', 'webdataset'])
+def test_a_dump_on_s3_with_storage_options_to_a_local_output(dumps, tmp_path, monkeypatch, output_format):
+    "The endpoint only in `storage_options`, the output a local folder: the options are the dump's, and the output opens as a folder."
+    local, url = dumps
+    endpoint = os.environ['AWS_ENDPOINT_URL']
+    monkeypatch.delenv('AWS_ENDPOINT_URL')
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        rep = download(cfg_for(url + '/metadate/metadata_000.parquet', tmp_path/'out', processes=1, output_format=output_format,
+                               storage_options={'endpoint_url': endpoint}), progress=None)
+        assert rep.attempted == 20 and rep.saved >= 10
+        assert (tmp_path/'out'/'image_paths.jsonl').exists() and not (tmp_path/'s3:').exists()
+    finally: s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_the_cli_reads_a_dump_on_s3(dumps, tmp_path):
     "`download_laion_images --metadata s3://bucket/dump/metadate/metadata_000.parquet --output-dir local/`."
     local, url = dumps
