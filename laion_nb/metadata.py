@@ -325,6 +325,7 @@ class _RemoteNpy:
         out = np.concatenate(blocks)[np.searchsorted(uniq, idx)]
         return out[0] if one else out
 
+# %% ../nbs/00_metadata.ipynb #b0d1d4ab
 def _embeddings(self:Dump, kind:str) -> list[tuple[Path, np.ndarray]]:
     "Every shard's `kind` embedding file and its array, memory-mapped, each checked to line up with its metadata."
     out = []
