@@ -3,11 +3,13 @@
 Each output is built by hand with the store API, the way a run writes it: images put, records as parts, `finalize`;
 WebDataset shards with `TarShardWriter`. The endpoint and credentials come from the environment, as a user sets them.
 """
-import json, logging, os, subprocess, tarfile, uuid
+import json, os, subprocess, tarfile, uuid
 from pathlib import Path
 
 import fsspec
 import pytest
+
+from _s3 import moto_s3
 
 from laion_nb.makeindex import IndexConfig, LaionIndex, MakeIndexError, makeindex
 from laion_nb.makeindex import _find_local_images as find_local_images
@@ -21,24 +23,8 @@ BUCKET = 'laion-nb-makeindex'
 
 @pytest.fixture(scope='module')
 def s3():
-    "moto's S3 server on 127.0.0.1 for this module, one bucket, and the environment a user would set for it (as test_store's)."
-    from moto.server import ThreadedMotoServer
-    logging.getLogger('werkzeug').setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = dict(AWS_ENDPOINT_URL=f'http://{host}:{port}', AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing',
-               AWS_DEFAULT_REGION='us-east-1', AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    old = {k: os.environ.get(k) for k in [*env, 'AWS_ENDPOINT_URL_S3', 'AWS_PROFILE']}
-    os.environ.update(env); os.environ.pop('AWS_ENDPOINT_URL_S3', None); os.environ.pop('AWS_PROFILE', None)
-    import s3fs
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
-    try: yield env['AWS_ENDPOINT_URL']
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    "moto's S3 server on 127.0.0.1, one bucket, and the environment a user would set for it (tests/_s3.py)."
+    with moto_s3(BUCKET) as endpoint: yield endpoint
 
 
 @pytest.fixture

@@ -3,10 +3,12 @@
 The endpoint and the credentials come from the environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), set
 once for the session, as a user sets them; no test names the endpoint but the one about `storage_options`.
 """
-import io, json, logging, os, pickle, signal, subprocess, sys, tarfile, time, uuid
+import io, json, os, pickle, signal, subprocess, sys, tarfile, time, uuid
 from pathlib import Path
 
 import pytest
+
+from _s3 import moto_s3
 
 from laion_nb import records
 from laion_nb.errors import LaionNbError, MissingExtra
@@ -22,24 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope='session')
 def s3():
-    "moto's S3 server on 127.0.0.1 for the session, one bucket, and the environment a user would set for it."
-    from moto.server import ThreadedMotoServer
-    logging.getLogger('werkzeug').setLevel(logging.ERROR)  # no line per request
-    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = dict(AWS_ENDPOINT_URL=f'http://{host}:{port}', AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing',
-               AWS_DEFAULT_REGION='us-east-1', AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    old = {k: os.environ.get(k) for k in [*env, 'AWS_ENDPOINT_URL_S3', 'AWS_PROFILE']}
-    os.environ.update(env); os.environ.pop('AWS_ENDPOINT_URL_S3', None); os.environ.pop('AWS_PROFILE', None)
-    import s3fs
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
-    try: yield env['AWS_ENDPOINT_URL']
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    "moto's S3 server on 127.0.0.1, one bucket, and the environment a user would set for it (tests/_s3.py)."
+    with moto_s3(BUCKET) as endpoint: yield endpoint
 
 
 @pytest.fixture
