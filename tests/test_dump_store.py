@@ -71,18 +71,24 @@ def test_a_dump_on_s3_reads_as_on_disk(dumps, where):
     assert not any(p.name.startswith('s3') for p in Path.cwd().iterdir()), 'no local folder named s3:'
 
 
-def test_storage_options_reach_the_dump(dumps, monkeypatch):
-    "With no endpoint in the environment, the dump is reached through the endpoint `storage_options` give."
-    local, url = dumps
+@pytest.fixture
+def endpoint_only_in_options(s3, monkeypatch):
+    "The S3 endpoint taken out of the environment (and out of s3fs's cached filesystems): only `storage_options` can name it."
+    import s3fs
     endpoint = os.environ['AWS_ENDPOINT_URL']
     monkeypatch.delenv('AWS_ENDPOINT_URL')
-    import s3fs
     s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        with pytest.raises(Exception): Dump(url, storage_options={'endpoint_url': 'http://127.0.0.1:9', 'connect_timeout': 1,
-                                                                 'config_kwargs': {'retries': {'max_attempts': 1}}})
-        assert len(Dump(url, storage_options={'endpoint_url': endpoint})) == len(Dump(local))
-    finally: s3fs.S3FileSystem.clear_instance_cache()
+    yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_storage_options_reach_the_dump(dumps, endpoint_only_in_options):
+    "With no endpoint in the environment, the dump is reached through the endpoint `storage_options` give."
+    local, url = dumps
+    endpoint = endpoint_only_in_options
+    with pytest.raises(Exception): Dump(url, storage_options={'endpoint_url': 'http://127.0.0.1:9', 'connect_timeout': 1,
+                                                             'config_kwargs': {'retries': {'max_attempts': 1}}})
+    assert len(Dump(url, storage_options={'endpoint_url': endpoint})) == len(Dump(local))
 
 
 def test_a_download_from_a_dump_on_s3_matches_one_from_disk(dumps, tmp_path):
@@ -95,34 +101,24 @@ def test_a_download_from_a_dump_on_s3_matches_one_from_disk(dumps, tmp_path):
     assert run_records(tmp_path/'from-s3') == run_records(tmp_path/'from-disk')
 
 
-def test_a_download_from_s3_to_s3_with_storage_options(dumps, tmp_path, monkeypatch):
+def test_a_download_from_s3_to_s3_with_storage_options(dumps, tmp_path, endpoint_only_in_options):
     "A run whose dump and output are both in the bucket, the endpoint only in `storage_options`: one set of options serves both."
     local, url = dumps
-    endpoint = os.environ['AWS_ENDPOINT_URL']
-    monkeypatch.delenv('AWS_ENDPOINT_URL')
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        rep = download(cfg_for(url + '/metadate/metadata_000.parquet', f's3://{BUCKET}/run-{uuid.uuid4().hex[:8]}', processes=1,
-                               storage_options={'endpoint_url': endpoint}), progress=None)
-        assert rep.attempted == 20
-    finally: s3fs.S3FileSystem.clear_instance_cache()
+    endpoint = endpoint_only_in_options
+    rep = download(cfg_for(url + '/metadate/metadata_000.parquet', f's3://{BUCKET}/run-{uuid.uuid4().hex[:8]}', processes=1,
+                           storage_options={'endpoint_url': endpoint}), progress=None)
+    assert rep.attempted == 20
 
 
 @pytest.mark.parametrize('output_format', ['files', 'webdataset'])
-def test_a_dump_on_s3_with_storage_options_to_a_local_output(dumps, tmp_path, monkeypatch, output_format):
+def test_a_dump_on_s3_with_storage_options_to_a_local_output(dumps, tmp_path, endpoint_only_in_options, output_format):
     "The endpoint only in `storage_options`, the output a local folder: the options are the dump's, and the output opens as a folder."
     local, url = dumps
-    endpoint = os.environ['AWS_ENDPOINT_URL']
-    monkeypatch.delenv('AWS_ENDPOINT_URL')
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        rep = download(cfg_for(url + '/metadate/metadata_000.parquet', tmp_path/'out', processes=1, output_format=output_format,
-                               storage_options={'endpoint_url': endpoint}), progress=None)
-        assert rep.attempted == 20 and rep.saved >= 10
-        assert (tmp_path/'out'/'image_paths.jsonl').exists() and not (tmp_path/'s3:').exists()
-    finally: s3fs.S3FileSystem.clear_instance_cache()
+    endpoint = endpoint_only_in_options
+    rep = download(cfg_for(url + '/metadate/metadata_000.parquet', tmp_path/'out', processes=1, output_format=output_format,
+                           storage_options={'endpoint_url': endpoint}), progress=None)
+    assert rep.attempted == 20 and rep.saved >= 10
+    assert (tmp_path/'out'/'image_paths.jsonl').exists() and not (tmp_path/'s3:').exists()
 
 
 def test_the_cli_reads_a_dump_on_s3(dumps, tmp_path):

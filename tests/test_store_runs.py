@@ -15,6 +15,7 @@ from laion_nb.run import OutputBusy, StoreLock
 from laion_nb.store import TARS_DIR, list_shards, open_store, read_parts
 
 from _s3 import moto_s3
+from test_scale import Recorder  # a progress object that keeps what the run told it
 
 BUCKET = 'laion-nb-runs'
 QUICK = dict(timeout=2, retries=0, allow_private_networks=True)
@@ -286,15 +287,6 @@ def test_makeindex_on_a_webdataset_run_to_s3(s3, run_url, demo_dump):
         with fsspec.open(images[i]) as f: assert hashlib.sha256(f.read()).hexdigest() == saved[i]['sha256']
     shards = json.loads((dump.parent/'laion_train_shards.json').read_text(encoding='utf-8'))
     assert shards['samples'] == rep.saved
-
-
-class Recorder:
-    "A progress object that keeps what the run told it."
-    def __init__(self): self.records, self.waits, self.closed = [], [], False
-    def start(self, total): self.total = total
-    def update(self, rec): self.records.append(rec)
-    def waiting(self, in_flight, longest): self.waits.append((len(self.records), in_flight, longest))
-    def close(self): self.closed = True
 
 
 @needs_dask
