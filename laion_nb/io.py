@@ -99,3 +99,12 @@ def host(url:str) -> str:
     "The host a connection to `url` goes to (no userinfo, port, brackets or trailing dot; lowercase); '' when none."
     if not isinstance(url, str): return ''
     return _host_of(_START.match(url.strip()).group())
+
+# %% ../nbs/00c_io.ipynb #21401a7f
+def _json_object(text:str) -> dict:
+    "A JSON object given on the command line (`--storage-options '{\"endpoint_url\": ...}'`); argparse's error otherwise."
+    import argparse
+    try: value = json.loads(text)
+    except ValueError as e: raise argparse.ArgumentTypeError(f'not JSON ({e}): {text!r}') from None
+    if not isinstance(value, dict): raise argparse.ArgumentTypeError(f'not a JSON object ({{"key": value, ...}}): {text!r}')
+    return value

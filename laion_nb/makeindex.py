@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LaionNbError, SampleError, is_transient
-from .io import atomic_open, host, jsonl_line, write_jsonl
+from .io import _json_object, atomic_open, host, jsonl_line, write_jsonl
 from .metadata import Dump, DumpError
 from .fetch import public_address, split_url
 from .records import BadRecordError, FAILED_LOG, SAVED_FILE, read_failed, read_saved
@@ -636,14 +636,6 @@ def _field_docs(cls) -> dict[str, str]:
         tokens = tokenize.generate_tokens(iter([lines[st.end_lineno - 1]]).__next__)
         docs[st.target.id] = next((t.string.lstrip('#').strip() for t in tokens if t.type == tokenize.COMMENT), '')
     return docs
-
-# %% ../nbs/04_makeindex.ipynb #e463830b
-def _json_object(text:str) -> dict:
-    "A JSON object given on the command line (`--storage-options '{\"endpoint_url\": ...}'`)."
-    try: value = json.loads(text)
-    except ValueError as e: raise argparse.ArgumentTypeError(f'not JSON ({e}): {text!r}') from None
-    if not isinstance(value, dict): raise argparse.ArgumentTypeError(f'not a JSON object: {text!r}')
-    return value
 
 # %% ../nbs/04_makeindex.ipynb #87d7cad4
 def _add_fields(group, cls, skip=()):

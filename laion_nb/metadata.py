@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -225,6 +224,10 @@ def _raw_names(dump, columns):
         raw[c] = name
     return raw
 
+def _index_column(first:int, n:int) -> pa.Array:
+    "The global row indices `first` to `first+n-1` as an Arrow column, made from its buffer (`pa.array` of a numpy array loads pandas)."
+    return pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(np.arange(first, first + n, dtype=np.int64))])
+
 @patch
 def _arrow_batches(self:Dump, columns=('index', 'url', 'caption'), start=0, limit=None, batch_size=65536):
     "Like `batches`, as pyarrow tables with the normalised names."
@@ -233,7 +236,7 @@ def _arrow_batches(self:Dump, columns=('index', 'url', 'caption'), start=0, limi
     stop = len(self) if limit is None else min(len(self), start + limit)
     for span in _spans(self, start, stop):
         for first, batch in _record_batches(span, list(dict.fromkeys(raw.values())), batch_size):
-            cols = {c: (pa.array(np.arange(first, first + batch.num_rows, dtype=np.int64)) if c == 'index'
+            cols = {c: (_index_column(first, batch.num_rows) if c == 'index'
                         else batch.column(raw[c])) for c in columns}
             yield pa.table(cols)
 
@@ -242,7 +245,13 @@ _FLAT = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())  # to_n
 
 def _py_values(col:pa.ChunkedArray) -> pd.Series:
     "`col` as Python values in an object column, None for null."
+    import pandas as pd  # here: a download reads its rows with `_py_list`, and its main process never loads pandas
     return pd.Series(col.to_numpy(zero_copy_only=False) if col.type in _FLAT else col.to_pylist(), dtype=object)
+
+def _py_list(col:pa.ChunkedArray) -> list:
+    "`col` as a list of Python values: None for null, and for a float NaN (as `_py_values` gives it)."
+    vals = col.to_pylist()
+    return [None if v != v else v for v in vals] if pa.types.is_floating(col.type) else vals
 
 @patch
 def batches(self:Dump,
@@ -252,6 +261,7 @@ def batches(self:Dump,
             batch_size:int=65536,      # rows per batch at most
            ) -> Iterator[pd.DataFrame]:
     "Stream the rows `start` to `start+limit` as pandas frames, reading only `columns`."
+    import pandas as pd
     for t in self._arrow_batches(columns, start, limit, batch_size):
         yield pd.DataFrame({c: _py_values(t.column(c)) if c in ('url', 'caption') else t.column(c).to_pandas()
                             for c in t.column_names})
@@ -357,6 +367,7 @@ def embeddings(self:Dump, kind:str='img') -> list[np.ndarray]:
 @patch
 def check_embeddings(self:Dump) -> pd.DataFrame:
     "One row per shard: its rows and the dtype and dimension of its embeddings; raises `DumpError` when they do not line up."
+    import pandas as pd
     table = {'shard': [s.name for s in self.shards], 'rows': self.shard_rows}
     for kind in _EMBEDDING_KINDS:
         pairs = _embeddings(self, kind); _one_dim(pairs, kind)
@@ -418,6 +429,7 @@ def _describe(pairs) -> str:
 @patch
 def top_domains(self:Dump, n:int=20, limit:int|None=None) -> pd.DataFrame:
     "The `n` hosts with the most URLs (over the first `limit` rows), with their count and share."
+    import pandas as pd
     domains, _, _ = _scan(self, limit)
     total = sum(domains.values()) or 1
     top = domains.most_common(n)
@@ -428,6 +440,7 @@ def top_domains(self:Dump, n:int=20, limit:int|None=None) -> pd.DataFrame:
 @patch
 def summary(self:Dump, limit:int|None=None) -> pd.DataFrame:
     "What is in the dump (over the first `limit` rows): rows, shards, embeddings, domains, captions, unusable rows."
+    import pandas as pd
     domains, lengths, counts = _scan(self, limit)
     rows = {'rows': len(self) if limit is None else min(limit, len(self)), 'shards': len(self.shards),
             'url column': self.url_col, 'caption column': self.caption_col}

@@ -141,14 +141,15 @@ def pending_rows(dump:Dump, done, # the rows to skip: `done_indices`, or any col
                  stop:int|None=None, start:int=0, batch_size:int=8192) -> Iterator[tuple[int, object, str]]:
     "Stream `(index, url, caption)` of the rows `start` to `stop` of `dump` that are not `done`; a null URL is None."
     import numpy as np
+    from laion_nb.metadata import _py_list
     done, limit = _sorted_rows(done), None if stop is None else max(0, stop - start)
-    for b in dump.batches(('index', 'url', 'caption'), start=start, limit=limit, batch_size=batch_size):
-        idx, url = b['index'].to_numpy(), b['url']
+    for t in dump._arrow_batches(('index', 'url', 'caption'), start=start, limit=limit, batch_size=batch_size):  # Arrow, not pandas
+        idx = records._numpy(t.column('index'))
         if not len(idx): continue
         lo, hi = np.searchsorted(done, [idx.min(), idx.max() + 1])
         todo = np.flatnonzero(~np.isin(idx, done[lo:hi])) if hi > lo else range(len(idx))
         if not len(todo): continue
-        urls, caps, idx = url.astype(object).where(url.notna(), None).tolist(), b['caption'].tolist(), idx.tolist()
+        urls, caps, idx = _py_list(t.column('url')), t.column('caption').to_pylist(), idx.tolist()
         for k in todo.tolist() if hi > lo else todo:
             yield idx[k], urls[k], caps[k] if isinstance(caps[k], str) else ''
 

@@ -192,3 +192,17 @@ def test_a_progress_without_waiting_works_with_processes(tmp_path):
         rep = download(DownloadConfig.build(metadata=dump, output_dir=tmp_path/'out', allow_private_networks=True, timeout=2,
                                       processes=2), progress=prog)
     assert rep.attempted == prog.n == 40
+
+
+def test_the_command_never_loads_pandas(demo_server, tmp_path):
+    "The command's main process reads the dump with Arrow and the records with numpy: pandas (0.25 s of CPU to load) never is."
+    dump = demo.make_demo_dump(tmp_path/'dump', demo_server, n=40, fail_share=0.25, hanging=False)
+    code = ("import runpy, sys\nsys.argv = ['download_laion_images', *sys.argv[1:]]\n"
+            "try: runpy.run_module('laion_nb.download', run_name='__main__')\nexcept SystemExit: pass\n"
+            "print('pandas loaded:', 'pandas' in sys.modules)")
+    for extra in ([], ['--retry-failed']):  # a fresh run, then a rerun that reads the records and fetches the failures again
+        p = subprocess.run([sys.executable, '-c', code, '--metadata', str(dump), '--output-dir', str(dump), '--allow-private-networks',
+                            '--quiet', '--processes', '2', '--timeout', '1', '--retry', '0', *extra], capture_output=True, text=True, timeout=120)
+        assert 'pandas loaded: False' in p.stdout, p.stdout + p.stderr
+        assert 'failed' in p.stdout and (dump/records.ERRORS_FILE).exists()  # the run ran: a summary, and the errors file written at its end
+    assert len(records.read_saved(dump)) > 0
