@@ -228,6 +228,14 @@ def tool_env(a, code=None, peer=False):
     return env
 
 
+def compile_trees(a):
+    """Compile laion_nb's sources to bytecode, as `pip install` does (img2dataset's came compiled with its wheel): else, with
+    PYTHONDONTWRITEBYTECODE set, each of our processes would compile every module at its start."""
+    import compileall, importlib.util
+    trees = [Path(d)/'laion_nb' for d in a.code] + [Path(importlib.util.find_spec('laion_nb').origin).parent]
+    for t in trees: compileall.compile_dir(str(t), quiet=1)
+
+
 def ours(dump, out, a, resize, processes=None):
     "The laion_nb command of a run: its own defaults for threads and processes unless given."
     cmd = [sys.executable, '-m', 'laion_nb.download', '--metadata', str(dump), '--output-dir', str(out), '--quiet',
@@ -324,9 +332,20 @@ def perf(dump, out, a, resize):
     data = out.parent/f'{out.name}.perf.data'
     subprocess.run(['perf', 'record', '-F', '499', '-o', str(data), '--', *ours(dump, out, a, resize)], check=True, env=tool_env(a),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for key, n in (('dso', 8), ('dso,sym', 15)):
+    for key, n in (('pid', 4), ('dso', 8), ('pid,dso', 12), ('dso,sym', 25)):
         rep = subprocess.run(['perf', 'report', '-i', str(data), '--no-children', '--sort', key], capture_output=True, text=True).stdout
         print(f'\nCPU samples by {key}:'); print('\n'.join([l for l in rep.splitlines() if l.strip() and not l.startswith('#')][:n]))
+
+
+def syscalls(dump, out, a, resize):
+    "Count the system calls of a laion_nb run (every process and thread) with strace -c; print the table per URL."
+    table = out.parent/f'{out.name}.strace.txt'
+    subprocess.run(['strace', '-f', '-c', '-o', str(table), '--', *ours(dump, out, a, resize)], check=True, env=tool_env(a),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = [l.split() for l in table.read_text().splitlines() if l[:1] == ' ' or l[:1].isdigit()]
+    print(f'\nsystem calls per URL ({a.rows:,} rows; strace slows the run, so only the counts mean anything):')
+    for r in sorted((r for r in rows if len(r) >= 5 and r[3].isdigit()), key=lambda r: -int(r[3]))[:15]:
+        print(f'{int(r[3]) / a.rows:8.2f}  {r[-1]}')
 
 
 # ---------- the report ----------
@@ -398,6 +417,7 @@ def main():
     p.add_argument('--code', nargs='+', default=[], metavar='DIR',
                    help='also run laion_nb from these source trees (e.g. a worktree of an older commit), alternating with the rest')
     p.add_argument('--profile', action='store_true', help='profile laion_nb (one process) with py-spy instead')
+    p.add_argument('--strace', action='store_true', help='count the system calls of a laion_nb run (strace -c) instead')
     p.add_argument('--perf', action='store_true', help='sample laion_nb with Linux perf (C and kernel time included) instead')
     p.add_argument('--native', action='store_true', help='with --profile: all threads with native frames, not only the GIL holder')
     a = p.parse_args()
@@ -411,6 +431,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix='laion_nb_bench_', dir=a.work_dir))
     has_peer = not a.no_peer and Path(a.peer).exists()
     results = {}
+    compile_trees(a)
     try:
         tls = web and a.https_share > 0 or a.tls
         a.ca, cert = make_tls(tmp, a.cert_key) if tls else (None, None)
@@ -433,6 +454,7 @@ def main():
                     tag = f'{latency}-{resize}'
                     if a.profile: profile(dump, tmp/f'prof-{tag}', a, resize); continue
                     if a.perf: perf(dump, tmp/f'perf-{tag}', a, resize); continue
+                    if a.strace: syscalls(dump, tmp/f"strace-{tag}", a, resize); continue
                     tools = [('laion_nb', None)] + [(f'laion_nb@{Path(d).name}', d) for d in a.code]
                     tools += [('img2dataset', None)] if has_peer else []
                     for k in range(a.repeat):
