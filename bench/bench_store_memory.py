@@ -6,7 +6,8 @@ duplicates as a real run leaves them (every 1,000th row failed with a timeout in
 one; every 2,000th row saved twice). Each saved row gets an empty `images/{index}.jpg`, so the image listing
 is the real one. Then, in a fresh Python process per N and per call, it measures the peak RSS
 (`getrusage(RUSAGE_SELF).ru_maxrss`) and the wall time of `resume(store)` and of `finalize(store)`, and the
-peak RSS after the imports alone (the base).
+peak RSS after the imports alone (the base). The slope is the growth of the peak from one N to the next, per
+added row: what a bigger run costs the driver.
 
     python bench/bench_store_memory.py [--rows 200000 500000 1000000] [--dir /tmp/store-mem]
 
@@ -67,7 +68,8 @@ def main():
     if a.measure: return measure(a.measure[1], a.measure[0])
     import laion_nb
     print(f'laion_nb from {Path(laion_nb.__file__).parent}')
-    print(f'{"N":>9} {"call":>9} {"base MB":>8} {"peak MB":>8} {"MB over base":>12} {"bytes/row":>9} {"seconds":>8}  counts')
+    print(f'{"N":>9} {"call":>9} {"base MB":>8} {"peak MB":>8} {"MB over base":>12} {"slope B/row":>11} {"seconds":>8}  counts')
+    last = {}  # call -> (N, peak MB) of the previous N: the slope is the growth of the peak per added row
     for n in a.rows:
         root = Path(a.dir)/f'n{n}'
         if not (root/'.built').exists():
@@ -76,9 +78,11 @@ def main():
             r = subprocess.run([sys.executable, __file__, '--measure', what, str(root)], capture_output=True, text=True, env=os.environ)
             if r.returncode: print(r.stderr); raise SystemExit(r.returncode)
             m = json.loads(r.stdout.strip().splitlines()[-1])
-            over = m['peak_mb'] - m['base_mb']
+            over, (n0, p0) = m['peak_mb'] - m['base_mb'], last.get(what, (None, None))
+            slope = f'{(m["peak_mb"] - p0) * 2**20 / (n - n0):.0f}' if n0 else '-'
+            last[what] = (n, m['peak_mb'])
             counts = {k: v for k, v in m.items() if k not in ('base_mb', 'peak_mb', 'seconds')}
-            print(f'{n:>9,} {what:>9} {m["base_mb"]:>8} {m["peak_mb"]:>8} {over:>12} {over * 2**20 / n:>9.0f} {m["seconds"]:>8}  {counts}', flush=True)
+            print(f'{n:>9,} {what:>9} {m["base_mb"]:>8} {m["peak_mb"]:>8} {over:>12} {slope:>11} {m["seconds"]:>8}  {counts}', flush=True)
 
 
 if __name__ == '__main__': main()

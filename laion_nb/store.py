@@ -293,7 +293,8 @@ def _part_lines(key:str, data:bytes, url:str):
     data = data[:data.rfind(b'\n') + 1]
     lines = [l for l in data.split(b'\n')[:-1] if l.strip()]  # Arrow skips blank lines too
     try:
-        t = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(explicit_schema=_schema(_ALL), unexpected_field_behavior='ignore'))
+        t = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(explicit_schema=_schema(_ALL), unexpected_field_behavior='ignore'),
+                         read_options=pj.ReadOptions(use_threads=False))  # a part is small: no threads to start
         bad = pc.is_valid(t['error_type'])
         s, f = t.filter(pc.invert(bad)), t.filter(bad)
         if t.num_rows == len(lines) and not any(x[n].null_count for x, cls in ((s, Saved), (f, Failed)) for n in _NEEDED[cls]):
@@ -428,7 +429,8 @@ def _merged(store:Store, tmp:str):
     import numpy as np
     torn, tar_rows, _ = _gather(store, tmp)
     present, o = image_indices(store), records.read_outcomes(tmp)
-    missing = np.setdiff1d(np.setdiff1d(o.saved, tar_rows), present)  # saved rows of the files layout with no image
+    files = o.saved[~np.isin(o.saved, tar_rows)] if len(tar_rows) else o.saved  # saved rows of the files layout
+    missing = files[~np.isin(files, present, assume_unique=True)]  # ... with no image
     if len(missing): records.forget_saved(tmp, missing); o = records.read_outcomes(tmp)  # rare: a row with a failure before counts as failed
     return o, present, missing, torn
 
@@ -437,7 +439,8 @@ def resume(store:Store|str, retry_failed:bool=False) -> Resume:
     import numpy as np
     store = open_store(store)
     with tempfile.TemporaryDirectory() as tmp: o, present, missing, _ = _merged(store, tmp)
-    done = o.saved if retry_failed else np.union1d(o.saved, o.failed[_permanent(o)])
+    done = o.saved if retry_failed else np.concatenate([o.saved, o.failed[_permanent(o)]])
+    done.sort()  # in place: saved and failed rows are apart, so no row is twice
     keys = set(store.list(TARS_DIR))
     uncommitted = sorted(k[len(TARS_DIR) + 1:-4] for k in keys if k.endswith('.tar') and k[:-4] + '.parquet' not in keys)
     return Resume(replace(o, logs=[]), done, np.setdiff1d(present, o.saved, assume_unique=True), missing, uncommitted)
