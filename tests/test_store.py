@@ -162,7 +162,8 @@ def test_torn_local_part_is_dropped_by_rule(tmp_path):
     res = resume(s)
     assert res.done.tolist() == [0] and res.orphans.tolist() == [1]
     (tmp_path/'run'/key).write_bytes(b'{"index": 1, "url": "u"}\n' + data)
-    with pytest.raises(records.BadRecordError, match=f'{key}, line 1'): read_parts(s)
+    for read in (read_parts, resume, finalize):
+        with pytest.raises(records.BadRecordError, match=f'{key}, line 1'): read(s)
 
 
 def test_finalize_matches_a_local_run(run_url, demo_dump, tmp_path):
