@@ -428,7 +428,8 @@ def _merged(store:Store, tmp:str):
     "The run's records gathered into the local folder `tmp`, read as `Outcomes` less the saved rows whose image is gone: (outcomes, images, missing, torn)."
     import numpy as np
     torn, tar_rows, _ = _gather(store, tmp)
-    present, o = image_indices(store), records.read_outcomes(tmp)
+    o = records.read_outcomes(tmp)
+    present = image_indices(store)  # listed after the read: its array is not held through the read's peak
     files = o.saved[~np.isin(o.saved, tar_rows)] if len(tar_rows) else o.saved  # saved rows of the files layout
     missing = files[~np.isin(files, present, assume_unique=True)]  # ... with no image
     if len(missing): records.forget_saved(tmp, missing); o = records.read_outcomes(tmp)  # rare: a row with a failure before counts as failed
