@@ -17,7 +17,7 @@ from .records import Failed, Saved
 
 # %% auto #0
 __all__ = ['EXTRAS', 'PARTS_DIR', 'TARS_DIR', 'IMAGES_DIR', 'BadLocation', 'Store', 'open_store', 'Unwritable', 'PartWriter',
-           'RunRecords', 'committed_shards', 'read_parts', 'image_indices', 'Resume', 'resume', 'finalize',
+           'committed_shards', 'RunRecords', 'read_parts', 'image_indices', 'Resume', 'resume', 'finalize',
            'TarShardWriter', 'list_shards']
 
 # %% ../nbs/09_store.ipynb #6d5fb895
@@ -219,7 +219,7 @@ class PartWriter:
         with self.lock:
             if self.error: raise self.error  # the timer's last write failed: the run hears of it
             if not self.lines: self.oldest = time.monotonic()
-            self.lines.append(jsonl_line(vars(rec)))
+            self.lines.append(jsonl_line(vars(rec), compact=True))  # the bytes `RecordLog` writes
             if len(self.lines) >= self.every: self._flush()
             if self.timer is None: self.timer = threading.Thread(target=self._tick, daemon=True, name=f'parts-{self.shard}'); self.timer.start()
 
@@ -286,28 +286,89 @@ def _schema(names:list):
 
 _ALL = list(dict.fromkeys(_SAVED + _FAILED))
 
-def _part_tables(key:str, data:bytes, url:str):
-    "The saved and the failed records of one part as two Arrow tables in write order, and whether its last line was cut short."
-    import pyarrow as pa, pyarrow.compute as pc, pyarrow.json as pj
+def _part_lines(key:str, data:bytes, url:str):
+    "The complete, non-blank lines of one part, which of them are failures (bools), and whether its last line was cut short."
+    import numpy as np, pyarrow as pa, pyarrow.compute as pc, pyarrow.json as pj
     torn = not data.endswith(b'\n') and bool(data)
     data = data[:data.rfind(b'\n') + 1]
+    lines = [l for l in data.split(b'\n')[:-1] if l.strip()]  # Arrow skips blank lines too
     try:
-        t = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(explicit_schema=_schema(_ALL), unexpected_field_behavior='ignore'))
+        t = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(explicit_schema=_schema(_ALL), unexpected_field_behavior='ignore'),
+                         read_options=pj.ReadOptions(use_threads=False))  # a part is small: no threads to start
         bad = pc.is_valid(t['error_type'])
-        s, f = t.filter(pc.invert(bad)).select(_SAVED), t.filter(bad).select(_FAILED)
-        if not any(x[n].null_count for x, cls in ((s, Saved), (f, Failed)) for n in _NEEDED[cls]): return s, f, torn
+        s, f = t.filter(pc.invert(bad)), t.filter(bad)
+        if t.num_rows == len(lines) and not any(x[n].null_count for x, cls in ((s, Saved), (f, Failed)) for n in _NEEDED[cls]):
+            return lines, bad.to_numpy(zero_copy_only=False), torn
     except (pa.ArrowException, ValueError): pass
     recs, _ = _part_records(key, data, url)  # names the bad line, if there is one
-    try: return tuple(pa.Table.from_pylist([r for c, r in recs if c is cls], schema=_schema(names))
-                      for cls, names in ((Saved, _SAVED), (Failed, _FAILED))) + (torn,)
+    try:
+        for cls, names in ((Saved, _SAVED), (Failed, _FAILED)): pa.Table.from_pylist([r for c, r in recs if c is cls], schema=_schema(names))
     except (pa.ArrowException, ValueError) as e: raise records.BadRecordError(f'{url}: a field of the wrong type ({e})') from None
+    return lines, np.array([c is Failed for c, _ in recs], bool), torn
 
 # %% ../nbs/09_store.ipynb #0fdce65b
+def _part_order(key:str):
+    "Parts sort by shard, then sequence number, then writer: the order they were written in, within a shard."
+    shard, _, name = key[len(PARTS_DIR) + 1:].rpartition('/')
+    return shard, name
+
+class _Logs:
+    "The two record logs of the local folder `out_dir`, each opened on its first line, appended to as bytes."
+    def __init__(self, out_dir:str|Path): self.out_dir, self.files = Path(out_dir), {}
+
+    def add(self, name:str, lines:list):
+        "Append `lines` (bytes, no newline) to the log `name`."
+        if not lines: return
+        f = self.files.get(name) or self.files.setdefault(name, open(self.out_dir/name, 'ab'))
+        f.write(b'\n'.join(lines) + b'\n')
+
+    def __enter__(self): return self
+    def __exit__(self, *exc):
+        for f in self.files.values(): f.close()
+
+# %% ../nbs/09_store.ipynb #26cd2c7b
 TARS_DIR = 'webdataset'  # {name}.tar and {name}.parquet of the WebDataset output: the parquet, written last, commits the tar
 
+def committed_shards(store:Store) -> list[str]:
+    "The names of the WebDataset shards published whole: a `{name}.tar` with its `{name}.parquet` beside it."
+    keys = set(store.list(TARS_DIR))
+    return sorted(k[len(TARS_DIR) + 1:-8] for k in keys if k.endswith('.parquet') and k[:-8] + '.tar' in keys)
+
+def _tar_rows(store:Store, name:str, logs:_Logs) -> np.ndarray:
+    "Append the saved records of the committed shard `name` to the saved log, a batch of its parquet at a time; their indices."
+    import numpy as np, pyarrow.parquet as pq
+    idx = []
+    with store.open(f'{TARS_DIR}/{name}.parquet') as f:
+        for b in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=_SAVED):
+            logs.add(records.SAVED_FILE, [jsonl_line(r, compact=True)[:-1].encode('utf-8') for r in b.to_pylist()])
+            idx.append(b.column('index').to_numpy())
+    return np.concatenate(idx) if idx else np.zeros(0, np.int64)
+
+# %% ../nbs/09_store.ipynb #5ef36207
+def _gather(store:Store, out_dir:str|Path) -> tuple[list, np.ndarray, list]:
+    "Every part's lines, then every committed shard's records, appended to the logs of the local folder `out_dir`: (torn parts, the shards' rows, the keys read)."
+    import numpy as np
+    parts = sorted((k for k in store.list(PARTS_DIR) if k.endswith('.jsonl')), key=_part_order)
+    torn, tar_rows = [], []
+    with _Logs(out_dir) as logs:
+        for at in range(0, len(parts), 256):  # a few hundred GETs in flight, and one batch held at a time
+            got = store.get_many(parts[at:at + 256])
+            for key in parts[at:at + 256]:
+                lines, failed, cut = _part_lines(key, got.pop(key), store.url_of(key))
+                flags = failed.tolist()
+                logs.add(records.SAVED_FILE, [l for l, f in zip(lines, flags) if not f])
+                logs.add(records.FAILED_LOG, [l for l, f in zip(lines, flags) if f])
+                if cut: torn.append(key)
+            del got
+        shards = committed_shards(store)
+        for name in shards: tar_rows.append(_tar_rows(store, name, logs))
+    tar_rows = np.concatenate(tar_rows) if tar_rows else np.zeros(0, np.int64)
+    return torn, tar_rows, parts + [f'{TARS_DIR}/{n}.parquet' for n in shards]
+
+# %% ../nbs/09_store.ipynb #a8d1e0c2
 @dataclass
 class RunRecords:
-    "The records of a run on a store, merged: the latest outcome of every row."
+    "The records of a small run on a store, as frames (for inspection: it holds them all)."
     saved: pd.DataFrame     # the latest `Saved` of each saved row, sorted by index
     failures: pd.DataFrame  # the latest `Failed` of each row that ever failed, sorted by index (saved since, or not)
     parts: list             # the part (and shard parquet) keys read, in merge order
@@ -318,86 +379,72 @@ class RunRecords:
         "The latest failure of each row never saved: what `download_errors.json` lists."
         return self.failures[~self.failures['index'].isin(self.saved['index'])].reset_index(drop=True)
 
-    def without(self, gone) -> RunRecords:
-        "These records with the saved records of the rows `gone` dropped (their image is gone: the row counts as failed, or as not done)."
-        return replace(self, saved=self.saved[~self.saved['index'].isin(list(gone))].reset_index(drop=True))
-
-    def done(self, retry_failed:bool=False) -> np.ndarray:
-        "The rows a resumed run skips, sorted: saved ones, and permanently failed ones unless `retry_failed`."
-        import numpy as np
-        saved, failed = self.saved['index'].to_numpy(np.int64), self.failed
-        if retry_failed or not len(failed): return saved
-        perm = [not is_transient(t, None if s is None or s != s else int(s)) for t, s in zip(failed['error_type'], failed['status'])]
-        return np.union1d(saved, failed['index'].to_numpy(np.int64)[np.array(perm, bool)])
-
-# %% ../nbs/09_store.ipynb #26cd2c7b
-def committed_shards(store:Store) -> list[str]:
-    "The names of the WebDataset shards published whole: a `{name}.tar` with its `{name}.parquet` beside it."
-    keys = set(store.list(TARS_DIR))
-    return sorted(k[len(TARS_DIR) + 1:-8] for k in keys if k.endswith('.parquet') and k[:-8] + '.tar' in keys)
-
-# %% ../nbs/09_store.ipynb #5ef36207
-def _frame(tables:list, names:list):
-    "The latest of the records in `tables` (Arrow, in write order) per index, sorted by index, as a frame with the columns `names`."
-    import pyarrow as pa
-    df = pa.concat_tables([t.cast(_schema(names)) for t in tables] or [_schema(names).empty_table()]).to_pandas()
-    return df.drop_duplicates('index', keep='last').sort_values('index', kind='stable').reset_index(drop=True)
-
-def _part_order(key:str):
-    "Parts sort by shard, then sequence number, then writer: the order they were written in, within a shard."
-    shard, _, name = key[len(PARTS_DIR) + 1:].rpartition('/')
-    return shard, name
-
 def read_parts(store:Store|str) -> RunRecords:
-    "Every part of every shard (and every committed WebDataset shard's parquet), merged into the records of the run."
-    import pyarrow.parquet as pq
+    "Every part of every shard (and every committed WebDataset shard's parquet) of `store`, merged into frames."
     store = open_store(store)
-    saved, failed, torn = [], [], []
-    parts = sorted((k for k in store.list(PARTS_DIR) if k.endswith('.jsonl')), key=_part_order)
-    for at in range(0, len(parts), 256):  # a few hundred GETs in flight at a time
-        for key, data in store.get_many(parts[at:at + 256]).items():
-            s, f, cut = _part_tables(key, data, store.url_of(key))
-            saved.append(s); failed.append(f)
-            if cut: torn.append(key)
-    for key in committed_shards(store):
-        with store.open(f'{TARS_DIR}/{key}.parquet') as f: saved.append(pq.read_table(f).select(_SAVED))
-        parts.append(f'{TARS_DIR}/{key}.parquet')
-    return RunRecords(_frame(saved, _SAVED), _frame(failed, _FAILED), parts, torn)
+    with tempfile.TemporaryDirectory() as tmp:
+        torn, _, keys = _gather(store, tmp)
+        saved = records.read_saved(tmp)
+        failures = records.read_failed(tmp, saved=saved.iloc[:0])  # no saved row given: every row's latest failure
+    return RunRecords(saved, failures, keys, torn)
 
 # %% ../nbs/09_store.ipynb #4807c083
 IMAGES_DIR = 'images'
 
-def image_indices(store:Store) -> np.ndarray:
-    "The indices of the `images/{index}.jpg` objects of `store`, sorted (one listing)."
+def _numbered(names) -> np.ndarray:
+    "The indices of the names `{index}.jpg` among `names`, in their order."
     import numpy as np
-    idx = [int(s) for k in store.list(IMAGES_DIR) if k.endswith('.jpg') and (s := k[len(IMAGES_DIR) + 1:-4]).isdigit() and s == str(int(s))]
-    return np.sort(np.array(idx, np.int64))
+    return np.fromiter((int(s) for n in names if n.endswith('.jpg') and (s := n[:-4]).isdigit() and s == str(int(s))), np.int64)
 
+def image_indices(store:Store) -> np.ndarray:
+    "The indices of the `images/{index}.jpg` objects of `store`, sorted (one listing; a local folder read as it goes)."
+    import numpy as np
+    if not store.local: return np.sort(_numbered(k[len(IMAGES_DIR) + 1:] for k in store.list(IMAGES_DIR)))
+    try:
+        with os.scandir(store.path(IMAGES_DIR)) as it: return np.sort(_numbered(e.name for e in it if e.is_file()))
+    except FileNotFoundError: return np.zeros(0, np.int64)
+
+def _permanent(o:records.Outcomes) -> np.ndarray:
+    "Which failed rows of `o` failed for good (bools): `is_transient` asked once per distinct (error type, status), not per row."
+    import numpy as np
+    if not len(o.failed): return np.zeros(0, bool)
+    status = np.where(np.isnan(o.status), -1, o.status).astype(np.int64)
+    types, t = np.unique(o.error_type, return_inverse=True)
+    pairs, p = np.unique(np.stack([t.ravel(), status]), axis=1, return_inverse=True)
+    perm = np.array([not is_transient(types[k], None if s < 0 else s) for k, s in pairs.T.tolist()], bool)
+    return perm[p.ravel()]
+
+# %% ../nbs/09_store.ipynb #b1c2d3e4
 @dataclass
 class Resume:
     "What a resumed run on a store starts from."
-    records: RunRecords  # the merged records, less the saved records whose image is gone
+    outcomes: records.Outcomes  # the latest outcome of every row (its `logs` were temporary: no `failures()`), less the saved rows whose image is gone
     done: np.ndarray     # rows to skip, sorted
     orphans: np.ndarray  # images without a saved record (a run stopped before their record was out): their rows are fetched again, the object overwritten
     missing: np.ndarray  # saved records whose image is gone: fetched again
     uncommitted: list    # WebDataset tars without their parquet: their rows are done again, the tar overwritten
 
-def _missing(recs:RunRecords, present) -> np.ndarray:
-    "Saved rows of the files layout whose `images/` object is not in `present`."
+def _merged(store:Store, tmp:str):
+    "The run's records gathered into the local folder `tmp`, read as `Outcomes` less the saved rows whose image is gone: (outcomes, images, missing, torn)."
     import numpy as np
-    files = recs.saved.loc[~recs.saved['path'].str.startswith(TARS_DIR + '/'), 'index'].to_numpy(np.int64)
-    return np.setdiff1d(files, present)
+    torn, tar_rows, _ = _gather(store, tmp)
+    o = records.read_outcomes(tmp)
+    present = image_indices(store)  # listed after the read: its array is not held through the read's peak
+    files = o.saved[~np.isin(o.saved, tar_rows)] if len(tar_rows) else o.saved  # saved rows of the files layout
+    missing = files[~np.isin(files, present, assume_unique=True)]  # ... with no image
+    if len(missing): records.forget_saved(tmp, missing); o = records.read_outcomes(tmp)  # rare: a row with a failure before counts as failed
+    return o, present, missing, torn
 
 def resume(store:Store|str, retry_failed:bool=False) -> Resume:
     "Read the records of `store` and list its images: what a new run skips, and every image or tar no record explains."
     import numpy as np
     store = open_store(store)
-    recs, present = read_parts(store), image_indices(store)
-    missing = _missing(recs, present)
-    recs = recs.without(missing)
+    with tempfile.TemporaryDirectory() as tmp: o, present, missing, _ = _merged(store, tmp)
+    done = o.saved if retry_failed else np.concatenate([o.saved, o.failed[_permanent(o)]])
+    done.sort()  # in place: saved and failed rows are apart, so no row is twice
     keys = set(store.list(TARS_DIR))
     uncommitted = sorted(k[len(TARS_DIR) + 1:-4] for k in keys if k.endswith('.tar') and k[:-4] + '.parquet' not in keys)
-    return Resume(recs, recs.done(retry_failed), np.setdiff1d(present, recs.saved['index'].to_numpy(np.int64)), missing, uncommitted)
+    return Resume(replace(o, logs=[]), done, np.setdiff1d(present, o.saved, assume_unique=True), missing, uncommitted)
 
 # %% ../nbs/09_store.ipynb #bf061174
 _INTS = {f.name for f in (*fields(Saved), *fields(Failed)) if f.type.startswith('int')}
@@ -410,24 +457,20 @@ def _objects(df, cls):
 def finalize(store:Store|str,
              drop_orphans:bool=False,  # remove images no saved record explains (only when no writer runs any more)
             ) -> dict:
-    "Write `image_paths.jsonl`, `download_errors.jsonl` and `download_errors.json` once, from the merged parts; the run's counts."
+    "Write `image_paths.jsonl`, `download_errors.jsonl` and `download_errors.json` once, from the parts streamed into local logs; the run's counts."
     import numpy as np
     store = open_store(store)
-    recs, present = read_parts(store), image_indices(store)
-    missing = _missing(recs, present); recs = recs.without(missing)
-    orphans = np.setdiff1d(present, recs.saved['index'].to_numpy(np.int64))
-    with tempfile.TemporaryDirectory() as tmp:  # records writes the files, so they are byte for byte what a local run writes
-        with records.RecordLog(tmp) as log:
-            for r in _objects(recs.saved, Saved): log.saved(r)
-            for r in _objects(recs.failures, Failed): log.failed(r)
-        records.write_errors_json(tmp)
+    with tempfile.TemporaryDirectory() as tmp:  # the logs of a local run, and records' own code on them
+        o, present, missing, torn = _merged(store, tmp)
+        records.write_errors_json(tmp, o)
         for name in (records.SAVED_FILE, records.FAILED_LOG, records.ERRORS_FILE):
             if os.path.exists(os.path.join(tmp, name)): store.put_file(name, os.path.join(tmp, name))
             else: store.delete(name)  # no failure now: no stale file from an earlier finalize
-        counts = records.read_outcomes(tmp).summary()
+        counts = o.summary()
+    orphans = np.setdiff1d(present, o.saved, assume_unique=True)
     if drop_orphans:
         for i in orphans.tolist(): store.delete(f'{IMAGES_DIR}/{i}.jpg')
-    return {**counts, 'orphans': orphans.tolist(), 'missing': missing.tolist(), 'torn': recs.torn}
+    return {**counts, 'orphans': orphans.tolist(), 'missing': missing.tolist(), 'torn': torn}
 
 # %% ../nbs/09_store.ipynb #c6df6221
 def _member(tar, name:str, data:bytes, mtime:float):

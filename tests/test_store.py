@@ -136,7 +136,7 @@ def test_killed_writer_resumes(run_url):
     assert p.returncode == -signal.SIGKILL
     s = open_store(run_url)
     res = resume(s)
-    assert res.records.saved['index'].tolist() == list(range(10))
+    assert res.outcomes.saved.tolist() == list(range(10))
     assert res.done.tolist() == list(range(10))
     assert res.orphans.tolist() == [10, 11, 12]  # images no record explains: listed, and their rows are not done
     assert res.missing.tolist() == [] and res.uncommitted == []
@@ -162,7 +162,8 @@ def test_torn_local_part_is_dropped_by_rule(tmp_path):
     res = resume(s)
     assert res.done.tolist() == [0] and res.orphans.tolist() == [1]
     (tmp_path/'run'/key).write_bytes(b'{"index": 1, "url": "u"}\n' + data)
-    with pytest.raises(records.BadRecordError, match=f'{key}, line 1'): read_parts(s)
+    for read in (read_parts, resume, finalize):
+        with pytest.raises(records.BadRecordError, match=f'{key}, line 1'): read(s)
 
 
 def test_finalize_matches_a_local_run(run_url, demo_dump, tmp_path):
@@ -179,8 +180,9 @@ def test_finalize_matches_a_local_run(run_url, demo_dump, tmp_path):
     out = finalize(s)
     assert out['orphans'] == [] and {k: out[k] for k in ('attempted', 'saved', 'failed', 'by_type', 'by_status')} == o.summary()
     assert s.get(records.ERRORS_FILE) == (dump/records.ERRORS_FILE).read_bytes()
-    local = sorted((dump/records.SAVED_FILE).read_bytes().splitlines(), key=lambda l: json.loads(l)['index'])
-    assert s.get(records.SAVED_FILE).splitlines() == local
+    local = (dump/records.SAVED_FILE).read_bytes().splitlines()  # the same lines, byte for byte, in the order the parts hold them
+    assert sorted(s.get(records.SAVED_FILE).splitlines()) == sorted(local) and len(set(local)) == len(o.saved)
+    assert set(s.get(records.FAILED_LOG).splitlines()) <= set((dump/records.FAILED_LOG).read_bytes().splitlines())
     copy = tmp_path/'copy'; copy.mkdir()  # the bucket synced to a disk reads as a local output dir
     for name in (records.SAVED_FILE, records.FAILED_LOG): (copy/name).write_bytes(s.get(name))
     assert records.read_outcomes(copy).summary() == o.summary()
@@ -284,3 +286,51 @@ def test_missing_backend_names_the_extra():
     msg = str(e.value)
     assert isinstance(e.value, LaionNbError) and '\n' not in msg and 'pip install' in msg
     if proto == 'gs': assert "pip install 'laion_nb[gcs]'" in msg
+
+
+def test_duplicates_a_torn_part_and_old_lines(run_url, tmp_path):
+    "Rows failed then saved, saved twice, a torn part and a part of old non-compact lines: latest wins, counts as written, files in part order."
+    from laion_nb.io import jsonl_line
+    s = open_store(run_url)
+    for i in (0, 1, 3, 5, 6, 7): s.put(f'images/{i}.jpg', b'x')
+    first = [saved(0), failed(1), failed(2, 'timeout', None), saved(3)]
+    second = [saved(1), saved(3, 'again'), failed(4)]  # 1 failed, then saved; 3 saved twice
+    with PartWriter(s, 'a', every=4) as w:
+        for r in first + second: (w.failed if isinstance(r, Failed) else w.saved)(r)
+    line = lambda r, compact=True: jsonl_line(vars(r), compact=compact).encode()
+    torn = s.put(f'{PARTS_DIR}/b/000000-0000000b.jsonl', line(saved(5)) + line(saved(6))[:-30])  # 6's record cut short: an orphan
+    old = [saved(7), failed(8, 'dns', None)]
+    s.put(f'{PARTS_DIR}/c/000000-0000000c.jsonl', b''.join(line(r, compact=False) for r in old))  # written before parts were compact
+    res = resume(s)
+    assert (res.outcomes.saved.tolist(), res.outcomes.failed.tolist()) == ([0, 1, 3, 5, 7], [2, 4, 8])
+    assert res.done.tolist() == [0, 1, 3, 4, 5, 7, 8] and res.orphans.tolist() == [6] and res.missing.tolist() == []
+    assert resume(s, retry_failed=True).done.tolist() == [0, 1, 3, 5, 7]
+    out = finalize(s)
+    assert out == {'attempted': 8, 'saved': 5, 'failed': 3, 'by_type': {'timeout': 1, 'http_status': 1, 'dns': 1},
+                   'by_status': {'404': 1}, 'orphans': [6], 'missing': [], 'torn': [torn]}
+    written = [saved(0), saved(3), saved(1), saved(3, 'again'), saved(5), saved(7)]  # part order, duplicates kept
+    assert s.get(records.SAVED_FILE) == b''.join(line(r) for r in written[:5]) + line(saved(7), compact=False)
+    assert [json.loads(l)['index'] for l in s.get(records.FAILED_LOG).splitlines()] == [1, 2, 4, 8]
+    local = tmp_path/'local'  # the same records written by a local run's RecordLog: the same errors file, byte for byte
+    with records.RecordLog(local) as log:
+        for r in first + second + [saved(5)] + old: (log.failed if isinstance(r, Failed) else log.saved)(r)
+    records.write_errors_json(local)
+    assert s.get(records.ERRORS_FILE) == (local/records.ERRORS_FILE).read_bytes()
+    copy = tmp_path/'copy'; copy.mkdir()
+    for name in (records.SAVED_FILE, records.FAILED_LOG): (copy/name).write_bytes(s.get(name))
+    o = records.read_outcomes(copy)
+    assert o.summary() == records.read_outcomes(local).summary() and [r['caption'] for r in read_parts(s).saved.to_dict('records')][2] == 'again'
+
+
+def test_a_missing_image_after_a_failure_counts_as_failed(run_url):
+    "A row that failed, then was saved, then lost its image: finalize drops its saved lines and reports its failure; resume fetches it."
+    s = open_store(run_url)
+    with PartWriter(s, 'a') as w:
+        w.failed(failed(0)); w.saved(saved(0)); w.saved(saved(1)); w.saved(saved(2))
+    s.put('images/1.jpg', b'x'); s.put('images/2.jpg', b'x')
+    res = resume(s)
+    assert res.missing.tolist() == [0] and res.done.tolist() == [0, 1, 2]  # its 404 stands: not fetched again
+    assert resume(s, retry_failed=True).done.tolist() == [1, 2]
+    out = finalize(s)
+    assert (out['saved'], out['failed'], out['missing']) == (2, 1, [0])
+    assert [json.loads(l)['index'] for l in s.get(records.SAVED_FILE).splitlines()] == [1, 2]

@@ -204,6 +204,25 @@ def test_a_dask_run_to_s3_matches_a_local_run(s3, cluster, demo_dump, tmp_path, 
     if fmt == 'webdataset': assert [s['url'].rsplit('/', 1)[1] for s in list_shards(url)] == [f'{lo:012d}-{min(lo + 70, 300):012d}.tar' for lo in range(0, 300, 70)]
 
 
+@needs_dask
+def test_a_dask_run_from_a_dump_on_s3(s3, cluster, demo_dump, tmp_path):
+    "The dump in the bucket (its parquet), Dask workers opening it there, the output in the bucket too: row by row what a local run gives."
+    import s3fs
+    from laion_nb.metadata import Dump
+    from laion_nb.scale import DaskExecutor
+    _, client = cluster
+    dump = demo_dump(n=36, fail_share=0.2, seed=8, shard_rows=18)
+    src = f's3://{BUCKET}/dump-{uuid.uuid4().hex[:6]}'
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(dump/'metadate'), f'{src}/metadate', recursive=True)
+    assert len(Dump(src)) == 36 and not open_store(src).exists('img_emb')  # the parquet only
+    local = download(cfg_for(dump, tmp_path/'local', processes=1), progress=None)
+    url = f's3://{BUCKET}/run-from-s3-{uuid.uuid4().hex[:6]}'
+    rep = download(cfg_for(src, url, threads=4), progress=None, executor=DaskExecutor(client, shard_size=12))
+    assert (rep.attempted, rep.saved, rep.failed, rep.by_type) == (local.attempted, local.saved, local.failed, local.by_type)
+    assert rep.attempted == 36 and rep.saved and rep.failed
+    same_rows(store_rows(url), local_rows(tmp_path/'local'))
+
+
 def recorded(url):
     "The rows with a record in the parts of the run at `url`: saved ones by index with their record, and the failed indices."
     recs = read_parts(open_store(url))
