@@ -16,7 +16,7 @@ from .download import DownloadConfig, DownloadReport, download
 from .errors import ERROR_TYPES, MissingExtra, is_transient
 from .pool import run_rows
 from .run import Executor, RecordSink, Run, StoreOutput, on_store, pending_rows
-from .store import PARTS_DIR, TARS_DIR, Store, _objects, _part_records, _protocol, committed_shards
+from .store import PARTS_DIR, TARS_DIR, Store, _part_records, _protocol, committed_shards
 
 # %% auto #0
 __all__ = ['SHARD_SIZE', 'Shard', 'plan_shards', 'run_shard', 'DaskExecutor', 'download_on_dask']
@@ -124,7 +124,7 @@ class _PartTail:
         for k, data in self.store.get_many([k for k in keys if k.endswith('.jsonl')]).items():  # parts are put whole
             new += [cls(**r) for cls, r in _part_records(k, data, self.store.url_of(k))[0]]
         for k in (k for k in keys if k.endswith('.parquet')):
-            with self.store.open(k) as f: new += list(_objects(pq.read_table(f).to_pandas(), records.Saved))
+            with self.store.open(k) as f: new += [records.Saved(**r) for r in pq.read_table(f).to_pylist()]
         self.seen.update(keys); self.last = time.monotonic(); self.every = max(1.0, 5 * (self.last - t0))
         return new
 

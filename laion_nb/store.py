@@ -447,13 +447,6 @@ def resume(store:Store|str, retry_failed:bool=False) -> Resume:
     return Resume(replace(o, logs=[]), done, np.setdiff1d(present, o.saved, assume_unique=True), missing, uncommitted)
 
 # %% ../nbs/09_store.ipynb #bf061174
-_INTS = {f.name for f in (*fields(Saved), *fields(Failed)) if f.type.startswith('int')}
-
-def _objects(df, cls):
-    "The rows of the frame `df` as `cls` records: null as None, the integer fields as int (a frame makes them float when some are null)."
-    for row in df.to_dict('records'):
-        yield cls(**{k: None if v is None or v != v else int(v) if k in _INTS else v for k, v in row.items()})
-
 def finalize(store:Store|str,
              drop_orphans:bool=False,  # remove images no saved record explains (only when no writer runs any more)
             ) -> dict:

@@ -29,3 +29,17 @@ def moto_s3(*buckets):
         for k, v in old.items():
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
+
+
+def s3_fixtures(bucket:str):
+    "A test module's `s3` (moto's server for the module, `bucket` made; yields the endpoint) and `run_url` (a fresh prefix of the bucket per test) fixtures."
+    import uuid, pytest
+
+    @pytest.fixture(scope='module')
+    def s3():
+        with moto_s3(bucket) as endpoint: yield endpoint
+
+    @pytest.fixture
+    def run_url(s3): return f's3://{bucket}/run-{uuid.uuid4().hex[:8]}'
+
+    return s3, run_url

@@ -15,15 +15,13 @@ from laion_nb.errors import MissingExtra
 from laion_nb.metadata import Dump, DumpError
 from laion_nb.store import BadLocation
 
-from _s3 import moto_s3
+from _s3 import s3_fixtures
 
 BUCKET = 'laion-nb-dumps'
 QUICK = dict(timeout=2, retries=0, allow_private_networks=True)
 
 
-@pytest.fixture(scope='module')
-def s3():
-    with moto_s3(BUCKET) as endpoint: yield endpoint
+s3 = s3_fixtures(BUCKET)[0]
 
 
 @pytest.fixture

@@ -3,13 +3,13 @@
 Each output is built by hand with the store API, the way a run writes it: images put, records as parts, `finalize`;
 WebDataset shards with `TarShardWriter`. The endpoint and credentials come from the environment, as a user sets them.
 """
-import json, os, subprocess, tarfile, uuid
+import json, os, subprocess, tarfile
 from pathlib import Path
 
 import fsspec
 import pytest
 
-from _s3 import moto_s3
+from _s3 import s3_fixtures
 
 from laion_nb.makeindex import IndexConfig, LaionIndex, MakeIndexError, makeindex
 from laion_nb.makeindex import _find_local_images as find_local_images
@@ -21,15 +21,7 @@ from test_makeindex import MAKEINDEX, caption, objs, save_images, url, write_dum
 BUCKET = 'laion-nb-makeindex'
 
 
-@pytest.fixture(scope='module')
-def s3():
-    "moto's S3 server on 127.0.0.1, one bucket, and the environment a user would set for it (tests/_s3.py)."
-    with moto_s3(BUCKET) as endpoint: yield endpoint
-
-
-@pytest.fixture
-def run_url(s3):
-    return f's3://{BUCKET}/run-{uuid.uuid4().hex[:8]}'
+s3, run_url = s3_fixtures(BUCKET)
 
 
 FAILURES = {5: ('http_status', 404), 7: ('timeout', None), 9: ('blocked_address', None), 11: ('http_status', 503), 13: ('not_image', None)}

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from _s3 import moto_s3
+from _s3 import s3_fixtures
 
 from laion_nb import records
 from laion_nb.errors import LaionNbError, MissingExtra
 from laion_nb.records import Failed, Saved
-from laion_nb.store import (PARTS_DIR, TARS_DIR, BadLocation, PartWriter, Store, TarShardWriter, Unwritable, _objects, finalize,
+from laion_nb.store import (PARTS_DIR, TARS_DIR, BadLocation, PartWriter, Store, TarShardWriter, Unwritable, finalize,
                             list_shards, open_store, read_parts, resume)
 
 from conftest import download_quick
@@ -22,16 +22,12 @@ BUCKET = 'laion-nb-test'
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope='session')
-def s3():
-    "moto's S3 server on 127.0.0.1, one bucket, and the environment a user would set for it (tests/_s3.py)."
-    with moto_s3(BUCKET) as endpoint: yield endpoint
+s3, run_url = s3_fixtures(BUCKET)
 
 
-@pytest.fixture
-def run_url(s3):
-    "A fresh prefix of the session's bucket for one test."
-    return f's3://{BUCKET}/run-{uuid.uuid4().hex[:8]}'
+def replay(log, cls):
+    "The records of a local run's log, in the order it wrote them."
+    return [cls(**records._record(line, cls)) for line in log.read_bytes().splitlines()]
 
 
 def saved(i, caption='a cat'):
@@ -174,9 +170,9 @@ def test_finalize_matches_a_local_run(run_url, demo_dump, tmp_path):
     assert len(o.saved) and len(o.failed)
     s = open_store(run_url)
     with PartWriter(s, '0000', every=7) as w:
-        for r in _objects(records.read_saved(dump), Saved):
+        for r in replay(dump/records.SAVED_FILE, Saved):
             s.put(r.path, (dump/r.path).read_bytes()); w.saved(r)
-        for r in _objects(records.read_failed(dump), Failed): w.failed(r)
+        for r in replay(dump/records.FAILED_LOG, Failed): w.failed(r)
     out = finalize(s)
     assert out['orphans'] == [] and {k: out[k] for k in ('attempted', 'saved', 'failed', 'by_type', 'by_status')} == o.summary()
     assert s.get(records.ERRORS_FILE) == (dump/records.ERRORS_FILE).read_bytes()

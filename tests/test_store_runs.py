@@ -14,7 +14,7 @@ from laion_nb.download import DownloadConfig, download
 from laion_nb.run import OutputBusy, StoreLock
 from laion_nb.store import TARS_DIR, list_shards, open_store, read_parts
 
-from _s3 import moto_s3
+from _s3 import s3_fixtures
 from test_scale import Recorder  # a progress object that keeps what the run told it
 
 BUCKET = 'laion-nb-runs'
@@ -26,15 +26,7 @@ except ImportError: distributed = None
 needs_dask = pytest.mark.skipif(distributed is None, reason='needs laion_nb[dask]')
 
 
-@pytest.fixture(scope='module')
-def s3():
-    with moto_s3(BUCKET) as endpoint: yield endpoint
-
-
-@pytest.fixture
-def run_url(s3):
-    "A fresh prefix of the module's bucket."
-    return f's3://{BUCKET}/run-{uuid.uuid4().hex[:8]}'
+s3, run_url = s3_fixtures(BUCKET)
 
 
 @pytest.fixture(scope='module')
