@@ -57,6 +57,12 @@ def dump(tmp_path):
     return root, out
 
 
+def put_run(s, out):
+    "The images and saved records of the local download `out`, put on the store `s` as a run writes them (not finalized)."
+    with PartWriter(s, '00000') as w:
+        for r in records(out): s.put(r.path, (out/r.path).read_bytes()); w.saved(r)
+
+
 def test_images_in_s3_index_like_the_local_download(dump, run_url):
     "The same download on S3: the same lines row by row, each image as its object URL, which opens to the same bytes."
     root, out = dump
@@ -143,8 +149,7 @@ def test_a_run_not_finalized_is_refused_with_what_to_run(dump, run_url):
     root, out = dump
     s = open_store(run_url)
     with pytest.raises(MakeIndexError, match=f'{run_url}: no download there'): makeindex(cfg(root, run_url))
-    with PartWriter(s, '00000') as w:
-        for r in records(out): s.put(r.path, (out/r.path).read_bytes()); w.saved(r)
+    put_run(s, out)
     with pytest.raises(MakeIndexError, match=f'{run_url}: the download there is not finalized') as e: makeindex(cfg(root, run_url))
     assert f"finalize('{run_url}')" in str(e.value) and f'--output-dir {run_url}' in str(e.value)
     assert not (root/'laion_train.jsonl').exists()
@@ -161,8 +166,7 @@ def test_corrupt_line_on_s3_names_the_object(dump, run_url):
     "A bad line of the finalized image_paths.jsonl is named by its URL and line, not by a temporary copy; --skip-bad-lines goes on."
     root, out = dump
     s = open_store(run_url)
-    with PartWriter(s, '00000') as w:
-        for r in records(out): s.put(r.path, (out/r.path).read_bytes()); w.saved(r)
+    put_run(s, out)
     finalize(s)
     s.put(SAVED_FILE, s.get(SAVED_FILE) + b'{"index": 3, "path"\n')
     with pytest.raises(BadRecordError, match=f'{run_url}/{SAVED_FILE}, line 11'): makeindex(cfg(root, run_url))
@@ -173,8 +177,7 @@ def test_storage_options_flag_says_where_s3_is(dump, s3, run_url):
     "With no endpoint in the environment, --storage-options JSON reaches the filesystem; bad JSON or a local dir is a one-line error."
     root, out = dump
     s = open_store(run_url)
-    with PartWriter(s, '00000') as w:
-        for r in records(out): s.put(r.path, (out/r.path).read_bytes()); w.saved(r)
+    put_run(s, out)
     finalize(s)
     env = {k: v for k, v in os.environ.items() if k != 'AWS_ENDPOINT_URL'}
     done = cli('--laion', '--data-root', root, '--download-dir', run_url, '--storage-options', json.dumps({'endpoint_url': s3}), env=env)
